@@ -1,0 +1,3 @@
+"""Callbacks, one per file."""
+
+__all__: list[str] = []

@@ -1,0 +1,86 @@
+"""``Classifier``: plain supervised training, for teachers and for no-KD baselines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_distill.module import TrainingModule
+
+__all__ = ["Classifier"]
+
+
+class Classifier(TrainingModule):
+    """Train one network on hard labels with cross-entropy (optionally label-smoothed).
+
+    Trains the teachers that distillation strategies load through ``teacher_checkpoint`` (its
+    checkpoints store the network under ``model.``) and the no-KD baselines every strategy is
+    compared with. Logs ``train/loss``; validation / test log ``val/acc``, ``val/acc_top5``
+    (more than 5 classes), ``val/ece`` and ``val/loss``.
+
+    Args:
+        model: the network.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        **kwargs: ``optimizer``, ``lr_scheduler``, ... of :class:`~lightning_distill.module.TrainingModule`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_distill import Classifier
+        >>> from lightning_distill.data import DigitsDataModule
+        >>> from lightning_distill.models import DigitsMLP
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(DigitsMLP()), datamodule=DigitsDataModule())  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.model(inputs)
+
+    def task_loss(self, logits: Tensor, target):  # type: ignore[override]
+        if self.label_smoothing == 0.0 or target is None:
+            return super().task_loss(logits, target)
+        import torch.nn.functional as F
+
+        flat_t = target.reshape(-1)
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            flat_t,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+        return total / (flat_t != self.ignore_index).sum().clamp_min(1)
+
+    def probe_outputs(self, example: Any) -> tuple[Tensor, None]:
+        return self.model(example), None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        b = self.unpack_batch(batch)
+        loss = self.task_loss(self.model(b.input), b.target)
+        n = self.batch_size_of(b)
+        self.log("train/task_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        b = self.unpack_batch(batch)
+        self.update_eval_metrics("val", self.model(b.input), b.target)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        b = self.unpack_batch(batch)
+        self.update_eval_metrics("test", self.model(b.input), b.target)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self.model(self.unpack_batch(batch).input)

@@ -1,0 +1,202 @@
+"""Distillation losses as pure tensor functions.
+
+Every function here is stateless: tensors in, a tensor out. Strategies in
+:mod:`lightning_distill.strategies` combine them; tests in ``tests/test_losses.py`` check
+them against independently computed values.
+
+Conventions shared by every function (see ``DESIGN.md`` §2):
+
+* divergences are computed in float32 and in log space, whatever the input dtype or an
+  enclosing autocast region, so they stay finite for logits of magnitude 1e4 and under bf16;
+* the KL term is scaled by ``T**2`` (Hinton et al. 2015) so its gradient magnitude does not
+  shrink as the temperature grows;
+* reduction ``"batchmean"`` sums over classes and averages over samples -- or over *valid*
+  tokens when logits are ``[N, L, C]`` -- never over classes (``reduction="mean"`` in
+  ``F.kl_div`` silently divides by the class count, a classic KD bug).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KL_MODES", "check_temperature", "kd_loss", "kl_per_position"]
+
+#: Divergences accepted by :func:`kd_loss` (``kl=``).
+KL_MODES = ("forward", "reverse", "symmetric", "js")
+
+Reduction = Literal["batchmean", "sum", "none"]
+_REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def check_temperature(value: Union[float, Tensor], name: str = "temperature") -> Union[float, Tensor]:
+    """Validate a temperature: a finite number > 0 (tensors -- learned or per-sample -- pass as they are)."""
+    if isinstance(value, Tensor):
+        return value  # learned / per-sample temperatures are bounded by construction (CTKD)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < math.inf:
+        raise ValueError(
+            f"`{name}` must be a finite number > 0, got {value!r}. "
+            "Hinton et al. use 1-20 (T=1 is the plain softmax); 4 is a common start."
+        )
+    return float(value)
+
+
+def _temperature_tensor(temperature: Union[float, Tensor], logits: Tensor) -> Tensor:
+    """Temperature as a float32 tensor broadcastable against ``logits`` ([N, C] or [N, L, C]).
+
+    A scalar stays a scalar; a per-sample temperature of shape ``[N]`` (or ``[N, 1]``) is
+    reshaped to ``[N, 1]`` / ``[N, 1, 1]``.
+    """
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    if t.ndim == 0:
+        return t
+    t = t.reshape(t.shape[0], *([1] * (logits.ndim - 1)))
+    if t.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"a per-sample `temperature` must have one value per sample: got shape "
+            f"{tuple(torch.as_tensor(temperature).shape)} for logits of shape {tuple(logits.shape)}."
+        )
+    return t
+
+
+def kl_per_position(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: Union[float, Tensor] = 1.0,
+    kl: str = "forward",
+) -> Tensor:
+    """Divergence between softened teacher and student distributions at every position.
+
+    No ``T**2`` scaling and no reduction: the result has the logits' shape without the class
+    dimension (``[N]`` or ``[N, L]``), float32. See :func:`kd_loss` for the formulas.
+    """
+    if kl not in KL_MODES:
+        raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} (student) and {tuple(teacher_logits.shape)} (teacher). "
+            "Check that both models predict the same number of classes / vocabulary size."
+        )
+    device_type = student_logits.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        t = _temperature_tensor(temperature, student_logits)
+        log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        if kl == "forward":  # KL(p_T || p_S): mean-seeking, Hinton's choice
+            return _kl_logspace(log_p_t, log_p_s)
+        if kl == "reverse":  # KL(p_S || p_T): mode-seeking
+            return _kl_logspace(log_p_s, log_p_t)
+        if kl == "symmetric":  # mean of both directions, same scale as either one
+            return 0.5 * (_kl_logspace(log_p_t, log_p_s) + _kl_logspace(log_p_s, log_p_t))
+        # Jensen-Shannon: 1/2 KL(p_T || m) + 1/2 KL(p_S || m), m = (p_T + p_S) / 2
+        log_m = torch.logaddexp(log_p_t, log_p_s) - math.log(2.0)
+        return 0.5 * (_kl_logspace(log_p_t, log_m) + _kl_logspace(log_p_s, log_m))
+
+
+def _kl_logspace(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) = sum_c p_c (log p_c - log q_c) over the last dim, from log-probabilities.
+
+    Terms with p_c == 0 contribute exactly 0 (even where log q_c is very negative).
+    """
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    # KL >= 0 mathematically; clamp the tiny negative values float rounding can produce
+    return terms.sum(dim=-1).clamp_min(0.0)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: Union[float, Tensor] = 4.0,
+    kl: str = "forward",
+    mask: Optional[Tensor] = None,
+    reduction: Reduction = "batchmean",
+) -> Tensor:
+    r"""Hinton et al. (2015) knowledge-distillation loss, "Distilling the Knowledge in a Neural Network".
+
+    With :math:`p_T = \mathrm{softmax}(z_T / T)` and :math:`p_S = \mathrm{softmax}(z_S / T)`:
+
+    .. math::
+
+        \mathcal{L}_{KD} = T^2 \cdot \frac{1}{|V|} \sum_{i \in V} D(p_T^{(i)}, p_S^{(i)})
+
+    where :math:`V` is the set of samples (``[N, C]`` logits) or of valid tokens (``[N, L, C]``
+    logits, ``mask`` True where valid) and :math:`D` is chosen by ``kl``:
+
+    * ``"forward"``: :math:`KL(p_T \| p_S) = \sum_c p_T \log(p_T / p_S)` (Hinton; mean-seeking)
+    * ``"reverse"``: :math:`KL(p_S \| p_T)` (mode-seeking, as in MiniLLM)
+    * ``"symmetric"``: :math:`\tfrac12 [KL(p_T \| p_S) + KL(p_S \| p_T)]` -- the *mean* of both
+      directions (half of Jeffreys' divergence), so it lives on the same scale as either one
+    * ``"js"``: Jensen-Shannon, :math:`\tfrac12 KL(p_T \| m) + \tfrac12 KL(p_S \| m)`,
+      :math:`m = \tfrac12 (p_T + p_S)` (bounded by :math:`\log 2`)
+
+    Args:
+        student_logits: ``[N, C]`` or ``[N, L, C]`` raw student scores (any float dtype).
+        teacher_logits: same shape as ``student_logits``; pass them detached / computed under
+            ``no_grad`` (the loss does not detach them, so a learnable teacher also works).
+        temperature: ``T > 0``; a float, a scalar tensor (learnable, CTKD) or one value per
+            sample, shape ``[N]``.
+        kl: one of :data:`KL_MODES`.
+        mask: optional ``[N]`` or ``[N, L]`` boolean (or 0/1) tensor, True where a position
+            counts. The loss averages over valid positions only; if none is valid it is 0
+            (never NaN), and masked positions may hold any values, even ``inf``.
+        reduction: ``"batchmean"`` (default, see above), ``"sum"`` (sum over valid positions)
+            or ``"none"`` (per-position values ``[N]`` / ``[N, L]``, already scaled by ``T**2``,
+            masked positions set to 0).
+
+    Returns:
+        A float32 tensor: scalar, or per-position for ``reduction="none"``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_distill.losses import kd_loss
+        >>> s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 0.5, -1.0]])
+        >>> round(kd_loss(s, t, temperature=2.0).item(), 4)
+        0.0803
+        >>> kd_loss(t, t).item()
+        0.0
+    """
+    check_temperature(temperature)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}.")
+    if student_logits.ndim not in (2, 3):
+        raise ValueError(
+            "logits must be [N, C] (classification) or [N, L, C] (token-level), got shape "
+            f"{tuple(student_logits.shape)}."
+        )
+    valid = None
+    s_logits, t_logits = student_logits, teacher_logits
+    if mask is not None:
+        if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+            raise ValueError(
+                f"`mask` must have shape {tuple(student_logits.shape[:-1])} (the logits without the "
+                f"class dimension), got {tuple(mask.shape)}."
+            )
+        valid = mask.bool()
+        # masked positions may hold garbage (inf, nan): replace them before the softmax so
+        # that neither the value nor the gradient can turn into NaN
+        keep = valid.unsqueeze(-1)
+        s_logits = torch.where(keep, s_logits, torch.zeros((), dtype=s_logits.dtype, device=s_logits.device))
+        t_logits = torch.where(keep, t_logits, torch.zeros((), dtype=t_logits.dtype, device=t_logits.device))
+
+    per_pos = kl_per_position(s_logits, t_logits, temperature, kl)
+    t = _temperature_tensor(temperature, s_logits)
+    per_pos = per_pos * t.squeeze(-1) ** 2 if t.ndim else per_pos * t**2
+    if valid is not None:
+        per_pos = torch.where(valid, per_pos, torch.zeros_like(per_pos))
+
+    if reduction == "none":
+        return per_pos
+    total = per_pos.sum()
+    if reduction == "sum":
+        return total
+    count = valid.sum() if valid is not None else per_pos.numel()
+    if valid is not None:
+        return total / count.clamp_min(1)
+    return total / count
