@@ -1,8 +1,8 @@
 """Loading model weights from files safely (``torch.load(..., weights_only=True)``).
 
 Used for ``teacher_checkpoint``: accepts a Lightning checkpoint of a :class:`Classifier` run
-(keys ``model.*``), of a distillation run (its ``student.*`` becomes the weights), or a plain
-state dict; ``zoo:NAME`` names weights shipped inside the package (see
+(keys ``model.*``), of a distillation run (its ``student.*`` becomes the weights), a
+RepDistiller-style ``{"model": state_dict, ...}`` file, or a plain state dict; ``zoo:NAME`` names weights shipped inside the package (see
 :mod:`lightning_distill.zoo`).
 """
 
@@ -48,12 +48,14 @@ def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_chec
 
 
 def extract_state_dict(checkpoint: dict) -> dict[str, Tensor]:
-    """The network's weights from a Lightning checkpoint or a plain state dict.
+    """The network's weights from a Lightning checkpoint, a RepDistiller checkpoint or a plain state dict.
 
     A Lightning checkpoint's ``state_dict`` is searched for the ``model.`` prefix (a
     ``Classifier`` run) and then ``student.`` (a distillation run); the prefix is stripped
     and other entries (a teacher, projections, metrics) are dropped.
     """
+    if "state_dict" not in checkpoint and isinstance(checkpoint.get("model"), dict):
+        return dict(checkpoint["model"])  # RepDistiller-style {"model": state_dict, "epoch": ...}
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict):
         raise ValueError(f"the checkpoint's 'state_dict' is a {type(state).__name__}, expected a dict.")

@@ -1,0 +1,165 @@
+"""The teacher contract (DESIGN.md §3), asserted for every strategy after a short real ``fit``.
+
+A new strategy joins by adding one row to ``STRATEGIES``; ``test_every_strategy_is_covered``
+fails until it does.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_distill
+from lightning_distill import DistillationModule, KnowledgeDistillation
+from lightning_distill.models import DigitsCNN, DigitsStudentCNN
+
+
+def _kd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    return KnowledgeDistillation(student, teacher, teacher_checkpoint="zoo:digits_cnn", temperature=4.0, alpha=0.7)
+
+
+#: strategy class -> factory(student, teacher) building it with tiny, fast settings
+STRATEGIES = {
+    KnowledgeDistillation: _kd,
+}
+
+
+def test_every_strategy_is_covered():
+    exported = {
+        obj
+        for name in lightning_distill.__all__
+        if inspect.isclass(obj := getattr(lightning_distill, name))
+        and issubclass(obj, DistillationModule)
+        and obj is not DistillationModule
+    }
+    assert exported, "no strategy exported?"
+    assert exported == set(STRATEGIES), f"strategies without a contract-test row: {exported - set(STRATEGIES)}"
+
+
+class _Recorder(L.Callback):
+    """Records the teacher's state at every use during training, and optimizer contents."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, bool, bool]] = []
+        self.losses: list[float] = []
+        self.optimizer_param_ids: set[int] = set()
+        self.handle = None
+
+    def on_train_start(self, trainer, pl_module):
+        def hook(module, args):
+            self.calls.append((module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+
+        self.handle = pl_module.teacher.register_forward_pre_hook(hook)
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                self.optimizer_param_ids.update(id(p) for p in group["params"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+    def on_train_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+class _TrainTheTeacher(L.Callback):
+    """A hostile user: switches the teacher to train mode before every batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.teacher.train()
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(params=list(STRATEGIES), ids=lambda cls: cls.__name__)
+def strategy(request):
+    torch.manual_seed(0)
+    teacher = DigitsCNN()  # BatchNorm + Dropout: both would change behaviour / buffers in train mode
+    student = DigitsStudentCNN()  # has BatchNorm too: its buffers must update
+    return STRATEGIES[request.param](student, teacher)
+
+
+def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path):
+    teacher_before = _state(strategy.teacher)
+    student_before = _state(strategy.student)
+    # frozen from construction on
+    assert all(not p.requires_grad for p in strategy.teacher.parameters())
+    assert not strategy.teacher.training
+
+    recorder = _Recorder()
+    trainer = make_trainer(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        callbacks=[recorder, _TrainTheTeacher()],
+        enable_checkpointing=True,
+    )
+    with pytest.warns(UserWarning, match="teacher submodule was in train mode"):
+        trainer.fit(strategy, datamodule=digits_dm)
+
+    # always eval, no_grad (not inference_mode) at every teacher forward during training
+    assert recorder.calls, "the teacher was never called during training"
+    assert all(not training for training, _, _ in recorder.calls), "teacher ran in train mode"
+    assert all(not grad for _, grad, _ in recorder.calls), "teacher ran with grad enabled"
+    assert all(not inf for _, _, inf in recorder.calls), "teacher ran under inference_mode"
+    assert not strategy.teacher.training and all(not m.training for m in strategy.teacher.modules())
+
+    # bit-identical: weights, BatchNorm running stats, num_batches_tracked
+    after = strategy.teacher.state_dict()
+    for key, value in teacher_before.items():
+        assert torch.equal(after[key], value), f"teacher tensor {key} changed"
+
+    # frozen: never received a gradient, never in an optimizer
+    assert all(p.grad is None and not p.requires_grad for p in strategy.teacher.parameters())
+    teacher_ids = {id(p) for p in strategy.teacher.parameters()}
+    assert recorder.optimizer_param_ids and not (recorder.optimizer_param_ids & teacher_ids)
+
+    # every trained parameter was optimised: it moved, and it is in the optimizer
+    for name, p in strategy.named_parameters():
+        if name.startswith("teacher."):
+            continue
+        assert id(p) in recorder.optimizer_param_ids, f"{name} is not optimised"
+        if name.startswith("student."):
+            assert not torch.equal(p.detach(), student_before[name[len("student.") :]]), f"{name} did not change"
+    # the student's own BatchNorm statistics did update (train mode reached the student)
+    bn_keys = [k for k in student_before if k.endswith("running_mean")]
+    assert bn_keys and any(not torch.equal(strategy.student.state_dict()[k], student_before[k]) for k in bn_keys)
+
+    # finite loss at every step
+    assert recorder.losses and all(torch.isfinite(torch.tensor(recorder.losses)))
+
+    # checkpoint: no teacher weights; loading it into a fresh module restores everything else
+    ckpt_path = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+    assert any(k.startswith("student.") for k in ckpt["state_dict"])
+    fresh = STRATEGIES[type(strategy)](DigitsStudentCNN(), DigitsCNN())
+    fresh.load_state_dict(ckpt["state_dict"])
+    for key, value in strategy.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), f"{key} not restored from the checkpoint"
+
+
+def test_train_mode_never_reaches_teacher(strategy):
+    strategy.train()
+    assert strategy.student.training
+    assert not any(m.training for m in strategy.teacher.modules())
+    copy.deepcopy(strategy).train(True)  # a copy keeps the contract too
+    assert not strategy.teacher.training
+
+
+def test_checkpoint_round_trip_via_load_from_checkpoint(strategy, digits_dm, make_trainer, tmp_path):
+    trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(strategy, datamodule=digits_dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = type(strategy).load_from_checkpoint(path, student=DigitsStudentCNN(), teacher=DigitsCNN())
+    for key, value in strategy.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert not restored.teacher.training and not any(p.requires_grad for p in restored.teacher.parameters())
