@@ -6,8 +6,14 @@ no-KD baselines. Run them from YAML with ``lightning-distill fit --config config
 """
 
 from lightning_distill.classifier import Classifier
-from lightning_distill.strategies import DistillationModule, KnowledgeDistillation
+from lightning_distill.strategies import DistillationModule, FeatureDistillation, KnowledgeDistillation
 
 __version__ = "0.1.0"
 
-__all__ = ["Classifier", "DistillationModule", "KnowledgeDistillation", "__version__"]
+__all__ = [
+    "Classifier",
+    "DistillationModule",
+    "FeatureDistillation",
+    "KnowledgeDistillation",
+    "__version__",
+]

@@ -224,6 +224,23 @@ def test_teacher_from_distillation_checkpoint_uses_student(kd_ckpts, which):
     _assert_state_equal(module.teacher, expected)
 
 
+def test_teacher_from_repdistiller_style_file(tmp_path):
+    """``{"model": state_dict, "epoch": ..., "best_acc": ..., "optimizer": ...}`` (RepDistiller's teachers)."""
+    source = _fresh_cnn(seed=11)
+    expected = _snapshot(source)
+    optimizer = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    source(torch.rand(4, 1, 8, 8)).sum().backward()
+    optimizer.step()  # a non-empty optimizer state, as in a real file
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save(
+        {"epoch": 240, "model": expected, "best_acc": torch.tensor(79.42), "optimizer": optimizer.state_dict()}, path
+    )
+    teacher = _fresh_cnn(seed=12)
+    _assert_some_differ(teacher, expected)
+    module = KnowledgeDistillation(DigitsMLP(), teacher, teacher_checkpoint=str(path))
+    _assert_state_equal(module.teacher, expected)
+
+
 def test_extract_state_dict_prefixes():
     a, b = torch.ones(2), torch.zeros(3)
     assert extract_state_dict({"state_dict": {"model.w": a, "other.x": b}}) == {"w": a}

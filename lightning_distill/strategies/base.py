@@ -166,10 +166,19 @@ class DistillationModule(TrainingModule):
         """Named loss terms of the strategy; must include ``"loss"`` (the total to minimise)."""
         raise NotImplementedError(f"{type(self).__name__} must implement distillation_losses()")
 
+    def forward_models(self, inputs: Any) -> tuple[Tensor, Optional[Tensor]]:
+        """Training forward of student and teacher: ``(student_logits, teacher_logits)``.
+
+        Strategies that need more than logits (captured features) extend this and keep what
+        they captured for :meth:`distillation_losses`.
+        """
+        teacher_logits = self.teacher_forward(inputs)
+        student_logits = self.student(inputs)
+        return student_logits, teacher_logits
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         b = self.unpack_batch(batch)
-        teacher_logits = self.teacher_forward(b.input)
-        student_logits = self.student(b.input)
+        student_logits, teacher_logits = self.forward_models(b.input)
         terms = self.distillation_losses(student_logits, teacher_logits, b)
         self.log_terms("train", terms, self.batch_size_of(b))
         return terms["loss"]

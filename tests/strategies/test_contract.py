@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lightning_distill
-from lightning_distill import DistillationModule, KnowledgeDistillation
+from lightning_distill import DistillationModule, FeatureDistillation, KnowledgeDistillation
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
 
 
@@ -23,9 +23,18 @@ def _kd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
     return KnowledgeDistillation(student, teacher, teacher_checkpoint="zoo:digits_cnn", temperature=4.0, alpha=0.7)
 
 
+def _feature(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # conv projections with BatchNorm (student_to_teacher) and a spatial resize (8x8 -> 4x4)
+    return FeatureDistillation(
+        student, teacher, teacher_checkpoint="zoo:digits_cnn", layer_map={"block2": "block1", "block1": "block1.0"},
+        feature_loss="mse", feature_weight=[1.0, 0.5], projection_lr=0.01,
+    )
+
+
 #: strategy class -> factory(student, teacher) building it with tiny, fast settings
 STRATEGIES = {
     KnowledgeDistillation: _kd,
+    FeatureDistillation: _feature,
 }
 
 
@@ -141,6 +150,7 @@ def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path)
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
     assert any(k.startswith("student.") for k in ckpt["state_dict"])
     fresh = STRATEGIES[type(strategy)](DigitsStudentCNN(), DigitsCNN())
+    fresh.on_load_checkpoint(ckpt)  # what Lightning calls before load_state_dict
     fresh.load_state_dict(ckpt["state_dict"])
     for key, value in strategy.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), f"{key} not restored from the checkpoint"
