@@ -33,11 +33,19 @@ def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_chec
     try:
         obj = torch.load(resolved, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights only load failed" in str(err).lower():
+            raise ValueError(
+                f"`{argument}`={str(path)!r} cannot be loaded safely: it contains Python objects that would "
+                "need code execution to unpickle, and lightning_distill only loads checkpoints with "
+                "`torch.load(..., weights_only=True)`. Save plain tensors instead, e.g. "
+                "`torch.save(model.state_dict(), path)`. Details: " + first
+            ) from None
+        raise ValueError(f"`{argument}`={str(path)!r} is not a readable torch.save file ({first}).") from None
+    except (OSError, EOFError, RuntimeError, IndexError, ValueError) as err:
         raise ValueError(
-            f"`{argument}`={str(path)!r} cannot be loaded safely: it contains Python objects that would "
-            "need code execution to unpickle, and lightning_distill only loads checkpoints with "
-            "`torch.load(..., weights_only=True)`. Save plain tensors instead, e.g. "
-            "`torch.save(model.state_dict(), path)`. Details: " + str(err).splitlines()[0]
+            f"`{argument}`={str(path)!r} is not a readable torch.save file (truncated, empty or another "
+            f"format): {type(err).__name__}: {err}"
         ) from None
     if not isinstance(obj, dict):
         raise ValueError(
@@ -78,12 +86,13 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
+    not_tensors = sorted(k for k in own if k in state and not isinstance(state[k], Tensor))
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in state and isinstance(state[k], Tensor) and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or not_tensors:
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_shorten(missing)}")
@@ -91,12 +100,20 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
             parts.append(f"unexpected keys ({len(unexpected)}): {_shorten(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_shorten(mismatched)}")
+        if not_tensors:
+            parts.append(f"entries that are not tensors ({len(not_tensors)}): {_shorten(not_tensors)}")
         raise ValueError(
             f"`{argument}`={str(path)!r} does not match the architecture of {type(module).__name__}: "
             + "; ".join(parts)
             + ". Check that the model's class and init_args are the ones the checkpoint was trained with."
         )
-    module.load_state_dict(state, strict=True)
+    # everything was validated above; restore the old weights if torch still refuses (dtype, ...)
+    backup = {k: v.detach().clone() for k, v in own.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as err:
+        module.load_state_dict(backup, strict=True)
+        raise ValueError(f"`{argument}`={str(path)!r} could not be loaded into {type(module).__name__}: {err}") from None
 
 
 def _shorten(items: list[str], limit: int = 12) -> str:

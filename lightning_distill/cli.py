@@ -81,11 +81,13 @@ class DistillCLI(LightningCLI):
         first = configured[0] if isinstance(configured, (list, tuple)) and configured else configured
         save_dir = getattr(first, "save_dir", None) or trainer_cfg.get("default_root_dir") or os.getcwd()
         name = getattr(first, "name", None) or "lightning_distill"
+        # extra loggers write into the configured logger's run directory (same version_N), not a new one
+        version = getattr(first, "version", None) if isinstance(first, Logger) else None
         loggers: list[Logger] = []
         if config.get("tensorboard"):
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(save_dir=save_dir, name=name))
+            loggers.append(TensorBoardLogger(save_dir=save_dir, name=name, version=version, sub_dir="tensorboard"))
         if config.get("wandb"):
             from lightning.pytorch.loggers import WandbLogger
 

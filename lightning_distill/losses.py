@@ -18,6 +18,7 @@ Conventions shared by every function (see ``DESIGN.md`` §2):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, Optional, Union
 
 import torch
@@ -49,15 +50,29 @@ _REDUCTIONS = ("batchmean", "sum", "none")
 
 
 def check_temperature(value: Union[float, Tensor], name: str = "temperature") -> Union[float, Tensor]:
-    """Validate a temperature: a finite number > 0 (tensors -- learned or per-sample -- pass as they are)."""
+    """Validate a temperature: finite and > 0 (a number, or a scalar / per-sample tensor).
+
+    Tensors on the CPU are checked at once (``ValueError``); on an accelerator the check is an
+    asynchronous device assert, so it never forces a host sync on the training hot path.
+    """
     if isinstance(value, Tensor):
-        return value  # learned / per-sample temperatures are bounded by construction (CTKD)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < math.inf:
+        if value.device.type == "cpu":
+            if value.numel() and not bool(torch.isfinite(value).all() and (value > 0).all()):
+                raise ValueError(f"`{name}` must be finite and > 0 everywhere, got {value!r}.")
+        else:
+            torch._assert_async(torch.isfinite(value).all() & (value > 0).all(), f"`{name}` must be finite and > 0")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
         raise ValueError(
             f"`{name}` must be a finite number > 0, got {value!r}. "
             "Hinton et al. use 1-20 (T=1 is the plain softmax); 4 is a common start."
         )
     return float(value)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when the input already is float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _temperature_tensor(temperature: Union[float, Tensor], logits: Tensor) -> Tensor:
@@ -99,9 +114,10 @@ def kl_per_position(
         )
     device_type = student_logits.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        t = _temperature_tensor(temperature, student_logits)
-        log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        dtype = _acc_dtype(student_logits)
+        t = _temperature_tensor(temperature, student_logits).to(dtype)
+        log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)
         if kl == "forward":  # KL(p_T || p_S): mean-seeking, Hinton's choice
             return _kl_logspace(log_p_t, log_p_s)
         if kl == "reverse":  # KL(p_S || p_T): mode-seeking
@@ -165,7 +181,8 @@ def kd_loss(
             masked positions set to 0).
 
     Returns:
-        A float32 tensor: scalar, or per-position for ``reduction="none"``.
+        A float32 tensor (float64 for float64 logits): scalar, or per-position for
+        ``reduction="none"``. An empty batch gives 0.
 
     Example::
 
@@ -185,6 +202,12 @@ def kd_loss(
             "logits must be [N, C] (classification) or [N, L, C] (token-level), got shape "
             f"{tuple(student_logits.shape)}."
         )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} (student) and {tuple(teacher_logits.shape)} (teacher). "
+            "Check that both models predict the same number of classes / vocabulary size."
+        )
     valid = None
     s_logits, t_logits = student_logits, teacher_logits
     if mask is not None:
@@ -201,7 +224,7 @@ def kd_loss(
         t_logits = torch.where(keep, t_logits, torch.zeros((), dtype=t_logits.dtype, device=t_logits.device))
 
     per_pos = kl_per_position(s_logits, t_logits, temperature, kl)
-    t = _temperature_tensor(temperature, s_logits)
+    t = _temperature_tensor(temperature, s_logits).to(per_pos.dtype)
     per_pos = per_pos * t.squeeze(-1) ** 2 if t.ndim else per_pos * t**2
     if valid is not None:
         per_pos = torch.where(valid, per_pos, torch.zeros_like(per_pos))
@@ -211,10 +234,9 @@ def kd_loss(
     total = per_pos.sum()
     if reduction == "sum":
         return total
-    count = valid.sum() if valid is not None else per_pos.numel()
     if valid is not None:
-        return total / count.clamp_min(1)
-    return total / count
+        return total / valid.sum().clamp_min(1)
+    return total / max(per_pos.numel(), 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 The values are checked against an independent reference (``_ref_*`` below): a plain Python loop
 over positions and classes using ``math.exp`` / ``math.log`` in float64, with no torch softmax or
-``F.kl_div``. Tests marked ``xfail(strict=True)`` with a reason starting ``BUG`` or ``DOUBTFUL``
-pin behaviour of ``losses.py`` that contradicts the documented contract; they start failing
-(XPASS -> error) once ``losses.py`` is fixed, and the marker should then be removed.
+``F.kl_div``. Behaviours first found as bugs by this file (mask before shape check, unchecked
+tensor temperatures, float64 down-cast, NaN on empty batches) are fixed and keep their tests.
 """
 
 from __future__ import annotations
@@ -634,12 +633,6 @@ def test_forward_gradient_matches_closed_form(temperature):
     torch.testing.assert_close(s.grad.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DOUBTFUL: float64 logits are down-cast to float32 inside kl_per_position (`.float()`), so the "
-    "result is float32 and a float64 gradcheck with default tolerances fails; upcasting to "
-    "promote_types(dtype, float32) would keep float64 precision.",
-)
 @pytest.mark.parametrize("kl", MODES)
 def test_gradcheck_float64_default_tolerances(kl):
     s = _randn(3, 4, seed=51, scale=1.5, dtype=torch.float64).requires_grad_(True)
@@ -676,11 +669,6 @@ def test_per_sample_temperature_of_wrong_length_raises():
         kd_loss(s, t, torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DOUBTFUL/BUG: check_temperature lets every tensor through unchecked, so a tensor temperature "
-    "<= 0 or non-finite silently gives a wrong value or NaN instead of ValueError('temperature').",
-)
 @pytest.mark.parametrize(
     "bad", [torch.tensor(0.0), torch.tensor(-2.0), torch.tensor(float("nan")), torch.tensor([1.0, 0.0])]
 )
@@ -711,13 +699,6 @@ def test_shape_mismatch_raises_with_both_shapes(s_shape, t_shape):
         kl_per_position(s, t, 2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: with a mask, kd_loss applies torch.where(mask, teacher_logits, 0) before the "
-    "student/teacher shape check, so a mismatched teacher raises torch's broadcasting RuntimeError "
-    "instead of the ValueError naming both shapes.",
-)
 def test_shape_mismatch_with_mask_raises_value_error():
     s, t = torch.zeros(2, 3, 5), torch.zeros(2, 4, 5)
     with pytest.raises(ValueError, match="shape") as excinfo:
@@ -749,11 +730,6 @@ def test_bad_reduction_raises(bad):
         kd_loss(s, t, 2.0, reduction=bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DOUBTFUL: an empty batch (no positions at all, no mask) gives 0/0 = NaN with "
-    "reduction='batchmean', whereas 'no valid position' with a mask gives exactly 0.",
-)
 @pytest.mark.parametrize("shape", [(0, 5), (0, 3, 5), (2, 0, 5)])
 def test_empty_batch_is_zero_not_nan(shape):
     z = torch.zeros(shape)
