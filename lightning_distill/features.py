@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
@@ -136,25 +137,26 @@ class FeatureCapture:
             return int(self.select.get(name, 0))
         return int(self.select or 0)
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._active:
-                return
-            if isinstance(output, (tuple, list)):
-                index = self._index(name)
-                if not -len(output) <= index < len(output):
-                    raise ValueError(
-                        f"{self.role} layer {name!r} returns {len(output)} outputs; select index {index} is out of range."
-                    )
-                output = output[index]
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"{self.role} layer {name!r} returned a {type(output).__name__}, not a tensor; "
-                    "choose a submodule that returns a tensor or a tuple of tensors (with `select`)."
-                )
-            self.outputs[name] = output
+    def _hook(self, name: str) -> Any:
+        # a partial of a bound method (not a closure), so models carrying these hooks stay picklable
+        return functools.partial(self._record, name)
 
-        return hook
+    def _record(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._active:
+            return
+        if isinstance(output, (tuple, list)):
+            index = self._index(name)
+            if not -len(output) <= index < len(output):
+                raise ValueError(
+                    f"{self.role} layer {name!r} returns {len(output)} outputs; select index {index} is out of range."
+                )
+            output = output[index]
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"{self.role} layer {name!r} returned a {type(output).__name__}, not a tensor; "
+                "choose a submodule that returns a tensor or a tuple of tensors (with `select`)."
+            )
+        self.outputs[name] = output
 
     def start(self) -> None:
         self.outputs = {}

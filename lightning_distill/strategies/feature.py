@@ -93,8 +93,10 @@ class FeatureDistillation(KnowledgeDistillation):
         mapping: ``uniform`` | ``skip`` | ``last``.
         mapping_step: k of the ``skip`` mapping (default N // M).
         projection: see above.
-        feature_loss: one of :data:`FEATURE_LOSSES`.
-        feature_weight: beta, one float for every pair or a list with one per pair.
+        feature_loss: one of :data:`FEATURE_LOSSES`, or a mapping ``{name: beta}`` to combine several
+            on every pair (RKD's distance + angle: ``{rkd_distance: 25, rkd_angle: 50}``).
+        feature_weight: weight of each layer pair, one float for all pairs or a list with one per
+            pair; it multiplies the loss weights (with a single ``feature_loss`` it *is* beta).
         teacher_select, student_select: ``{layer: index}`` picking the element of a layer that
             returns a tuple (e.g. a transformer block returning ``(hidden, attn)``); default 0.
         projection_lr: learning rate of the projections (own parameter group); default: the
@@ -124,7 +126,7 @@ class FeatureDistillation(KnowledgeDistillation):
         mapping: str = "uniform",
         mapping_step: Optional[int] = None,
         projection: str = "auto",
-        feature_loss: str = "mse",
+        feature_loss: Union[str, dict[str, float]] = "mse",
         feature_weight: Union[float, list[float]] = 1.0,
         teacher_select: Optional[dict[str, int]] = None,
         student_select: Optional[dict[str, int]] = None,
@@ -135,8 +137,15 @@ class FeatureDistillation(KnowledgeDistillation):
         kl: str = "forward",
         **kwargs: Any,
     ) -> None:
-        if feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"`feature_loss` must be one of {tuple(FEATURE_LOSSES)}, got {feature_loss!r}.")
+        loss_weights = {feature_loss: 1.0} if isinstance(feature_loss, str) else dict(feature_loss or {})
+        unknown = [name for name in loss_weights if name not in FEATURE_LOSSES]
+        if not loss_weights or unknown:
+            raise ValueError(
+                f"`feature_loss` must be one of {tuple(FEATURE_LOSSES)} or a mapping of them to weights, "
+                f"got {feature_loss!r}."
+            )
+        if any(not float(w) >= 0 for w in loss_weights.values()):
+            raise ValueError(f"`feature_loss` weights must be >= 0, got {feature_loss!r}.")
         if projection not in PROJECTIONS:
             raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {projection!r}.")
         if isinstance(hint_epochs, bool) or not isinstance(hint_epochs, int) or hint_epochs < 0:
@@ -166,6 +175,7 @@ class FeatureDistillation(KnowledgeDistillation):
             raise ValueError(f"`feature_weight` values must be >= 0, got {weights!r}.")
         self.pairs = pairs
         self.feature_loss = feature_loss
+        self.loss_weights = {name: float(w) for name, w in loss_weights.items()}
         self.feature_weights = [float(w) for w in weights]
         self.projection = projection
         self.projection_lr = projection_lr
@@ -199,7 +209,7 @@ class FeatureDistillation(KnowledgeDistillation):
     def _side(self, s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> str:
         if self.projection != "auto":
             return self.projection
-        if self.feature_loss in _SAME_SHAPE and s_shape != t_shape:
+        if _SAME_SHAPE & set(self.loss_weights) and s_shape != t_shape:
             return "student_to_teacher"
         return "none"
 
@@ -209,7 +219,7 @@ class FeatureDistillation(KnowledgeDistillation):
             t_shape, s_shape = tuple(teacher_feats[t_name].shape), tuple(student_feats[s_name].shape)
             side = self._side(s_shape, t_shape)
             pair = f"teacher {t_name!r} {t_shape} -> student {s_name!r} {s_shape}"
-            if self.feature_loss == "attention" and (len(t_shape) != 4 or len(s_shape) != 4):
+            if "attention" in self.loss_weights and (len(t_shape) != 4 or len(s_shape) != 4):
                 raise ValueError(f"feature_loss 'attention' needs [N, C, H, W] features on both sides; got {pair}.")
             if side != "none" and len(t_shape) != len(s_shape):
                 raise ValueError(
@@ -221,7 +231,7 @@ class FeatureDistillation(KnowledgeDistillation):
             elif side == "teacher_to_student":
                 projections.append(_Projection(t_shape, s_shape))
             else:
-                if self.feature_loss in _SAME_SHAPE and s_shape != t_shape:
+                if _SAME_SHAPE & set(self.loss_weights) and s_shape != t_shape:
                     raise ValueError(
                         f"feature_loss {self.feature_loss!r} with projection 'none' needs equal shapes, got {pair}. "
                         "Use projection: student_to_teacher (or auto)."
@@ -263,8 +273,7 @@ class FeatureDistillation(KnowledgeDistillation):
         return student_logits, teacher_logits
 
     def feature_terms(self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor], mask: Optional[Tensor]) -> Tensor:
-        """Weighted sum over layer pairs of ``feature_loss`` (after projection)."""
-        fn = FEATURE_LOSSES[self.feature_loss]
+        """``sum_pairs w_pair * sum_losses beta_loss * loss(P(f_s), f_t)`` (after projection)."""
         total = None
         for (t_name, s_name), proj, side, weight in zip(self.pairs, self.projections, self._projection_sides, self.feature_weights):
             f_s, f_t = student_feats[s_name], teacher_feats[t_name].detach()
@@ -272,9 +281,11 @@ class FeatureDistillation(KnowledgeDistillation):
                 f_s = proj(f_s)
             elif side == "teacher_to_student":
                 f_t = proj(f_t)
-            use_mask = mask if (self.feature_loss in _MASKED and f_s.ndim == 3) else None
-            term = weight * (fn(f_s, f_t, mask=use_mask) if use_mask is not None else fn(f_s, f_t))
-            total = term if total is None else total + term
+            for name, beta in self.loss_weights.items():
+                fn = FEATURE_LOSSES[name]
+                use_mask = mask if (name in _MASKED and f_s.ndim == 3) else None
+                term = (weight * beta) * (fn(f_s, f_t, mask=use_mask) if use_mask is not None else fn(f_s, f_t))
+                total = term if total is None else total + term
         return total
 
     def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
