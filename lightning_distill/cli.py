@@ -16,14 +16,24 @@ Options added to LightningCLI's (top level of every config):
   (``WANDB_MODE=offline`` works without a server);
 * ``tensorboard``: add a ``TensorBoardLogger``;
 * ``test_after_fit``: after ``fit``, test the final weights and print the student's test
-  accuracy next to the teacher's.
+  accuracy next to the teacher's, then the student's at its best validation epoch (when a
+  ``ModelCheckpoint`` monitors a metric);
+* ``results_file``: write those results as JSON (used by ``lightning-distill compare``).
+
+``lightning-distill compare --configs A.yaml B.yaml --seeds 0 1 2`` runs every config over
+several seeds and writes a results table (:mod:`lightning_distill.experiments`).
 
 Each run saves its fully resolved config as ``config.yaml`` in its log directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
+import time
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -54,7 +64,13 @@ class DistillCLI(LightningCLI):
             "--test_after_fit",
             type=bool,
             default=True,
-            help="After fit, test the final weights and print student and teacher test accuracy.",
+            help="After fit, test the final weights (and the best-validation checkpoint) and print the accuracies.",
+        )
+        parser.add_argument(
+            "--results_file",
+            type=Optional[str],
+            default=None,
+            help="After fit, write the test results (last and best epoch), wall time and log dir to this JSON file.",
         )
 
     # ------------------------------------------------------------------ loggers
@@ -95,16 +111,57 @@ class DistillCLI(LightningCLI):
         return loggers
 
     # ------------------------------------------------------------------ after fit
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         trainer = self.trainer
+        wall = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
         if not config.get("test_after_fit", True) or trainer.interrupted or trainer.fast_dev_run:
             return
         if self.datamodule is None or not hasattr(self.datamodule, "test_dataloader"):
             return
-        results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        if trainer.is_global_zero and results:
-            print(format_test_summary(self.model, results[0], self.datamodule))
+        last = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        last = last[0] if last else {}
+        best, best_epoch, best_score = {}, None, None
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.monitor and ckpt.best_model_path:
+            best_epoch = _epoch_of(ckpt.best_model_path)
+            best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
+            results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", verbose=False)
+            best = results[0] if results else {}
+        if trainer.is_global_zero:
+            print(format_test_summary(self.model, last, self.datamodule))
+            if best:
+                monitor = f", {ckpt.monitor} {100 * best_score:.2f}%" if best_score is not None else ""
+                print(
+                    f"Student at its best validation epoch (epoch {best_epoch}{monitor}): "
+                    f"{100 * best.get('test/acc', float('nan')):.2f}% test accuracy"
+                )
+            path = config.get("results_file")
+            if path:
+                record = {
+                    "test_acc_last": last.get("test/acc"),
+                    "test_acc_best": best.get("test/acc"),
+                    "best_epoch": best_epoch,
+                    "val_acc_best": best_score,
+                    "teacher_test_acc": last.get("test/teacher_acc"),
+                    "epochs": trainer.current_epoch,
+                    "global_step": trainer.global_step,
+                    "wall_time_s": wall,
+                    "log_dir": trainer.log_dir,
+                    "seed": self.config[self.subcommand].get("seed_everything"),
+                    "test_last": {k: float(v) for k, v in last.items()},
+                    "test_best": {k: float(v) for k, v in best.items()},
+                }
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(json.dumps(record, indent=2))
+
+
+def _epoch_of(path: str) -> Optional[int]:
+    match = re.search(r"epoch=(\d+)", os.path.basename(path))
+    return int(match.group(1)) if match else None
 
 
 def _count(module: Any) -> str:
@@ -132,7 +189,17 @@ def format_test_summary(model: Any, metrics: dict[str, float], datamodule: Optio
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of ``lightning-distill`` and ``python -m lightning_distill``."""
+    """Entry point of ``lightning-distill`` and ``python -m lightning_distill``.
+
+    ``lightning-distill compare ...`` runs the multi-seed experiment runner
+    (:mod:`lightning_distill.experiments`); every other subcommand is LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:
+        from lightning_distill.experiments import main as compare_main
+
+        compare_main(argv[1:])
+        return
     DistillCLI(args=args)
 
 
