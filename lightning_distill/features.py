@@ -128,6 +128,7 @@ class FeatureCapture:
         self.select = select
         self.role = role
         self.outputs: dict[str, Tensor] = {}
+        self._versions: dict[str, int] = {}
         self._active = False
         modules = dict(model.named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in layers]
@@ -157,9 +158,11 @@ class FeatureCapture:
                 "choose a submodule that returns a tensor or a tuple of tensors (with `select`)."
             )
         self.outputs[name] = output
+        self._versions[name] = output._version
 
     def start(self) -> None:
         self.outputs = {}
+        self._versions: dict[str, int] = {}
         self._active = True
 
     def stop(self) -> dict[str, Tensor]:
@@ -169,6 +172,13 @@ class FeatureCapture:
             raise RuntimeError(
                 f"{self.role} layers {missing} were not called during the forward pass; "
                 "hook modules that the model's forward actually runs."
+            )
+        changed = [n for n in self.layers if self.outputs[n]._version != self._versions[n]]
+        if changed:
+            raise RuntimeError(
+                f"{self.role} layers {changed} had their output modified in place later in the forward pass "
+                "(e.g. by ReLU(inplace=True)), so the captured values are not that layer's output. Hook the "
+                "module after the in-place operation, or make that operation out of place."
             )
         return {name: self.outputs[name] for name in self.layers}
 

@@ -288,10 +288,11 @@ def cosine_feature_loss(student: Tensor, teacher: Tensor, mask: Optional[Tensor]
     dim = 1 if student.ndim == 4 else -1
     with torch.autocast(device_type=student.device.type, enabled=False):
         cos = F.cosine_similarity(student.float(), teacher.float(), dim=dim, eps=1e-8)
-        return _masked_mean(1.0 - cos, mask if student.ndim == 3 else None)
+        # float32 rounding can put cos a hair above 1: clamp so the loss is never negative
+        return _masked_mean((1.0 - cos).clamp_min(0.0), mask if student.ndim == 3 else None)
 
 
-def linear_cka(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     r"""Linear centered kernel alignment (Kornblith et al. 2019, arXiv:1905.00414).
 
     With column-centred :math:`X \in \mathbb{R}^{N \times D_1}`, :math:`Y \in \mathbb{R}^{N \times D_2}`
@@ -311,7 +312,8 @@ def linear_cka(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
         kx, ky = x @ x.T, y @ y.T
         num = (kx * ky).sum()
         den = kx.norm() * ky.norm()
-        return (num / den.clamp_min(eps)).float()
+        # no absolute floor (it would break scale invariance for small features); 0 when a side is constant
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den)).float()
 
 
 def cka_loss(student: Tensor, teacher: Tensor) -> Tensor:

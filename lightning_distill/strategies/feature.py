@@ -81,7 +81,7 @@ class FeatureDistillation(KnowledgeDistillation):
     the trivial solution with MSE), ``none``, or ``auto`` (student_to_teacher for ``mse`` /
     ``cosine`` when shapes differ, otherwise none). Feature maps ``[N, C, H, W]`` use a 1x1 conv +
     BatchNorm; a different spatial size is handled by **bilinear interpolation** of the projected map
-    to the target size. ``attention`` average-pools the larger attention map instead, and the
+    to the target size. ``attention`` average-pools the larger feature map to the smaller spatial size instead (as RepDistiller), and the
     relational losses (``cka``, ``rkd_*``, ``sp``) compare samples with samples, so neither
     channels nor spatial sizes need to match.
 
@@ -115,6 +115,9 @@ class FeatureDistillation(KnowledgeDistillation):
         >>> module.pairs
         [('block2', 'block1')]
     """
+
+    #: whether at least one layer pair is required (subclasses that add to the logit term set False)
+    requires_feature_layers = True
 
     def __init__(
         self,
@@ -157,6 +160,8 @@ class FeatureDistillation(KnowledgeDistillation):
             pairs = [(str(t), str(s)) for t, s in dict(layer_map).items()]
         elif teacher_layers and student_layers:
             pairs = map_layers(teacher_layers, student_layers, mapping, mapping_step)
+        elif not self.requires_feature_layers:
+            pairs = []  # logit distillation only (subclasses such as CTKD)
         else:
             raise ValueError(
                 "FeatureDistillation needs layers: pass `layer_map` ({teacher_layer: student_layer}) or "
@@ -293,8 +298,10 @@ class FeatureDistillation(KnowledgeDistillation):
             raise RuntimeError("FeatureDistillation.distillation_losses needs forward_models() to run first.")
         student_feats, teacher_feats = self._features
         self._features = None
-        feature = self.feature_terms(student_feats, teacher_feats, batch.mask)
         terms = super().distillation_losses(student_logits, teacher_logits, batch)
+        if not self.pairs:
+            return terms
+        feature = self.feature_terms(student_feats, teacher_feats, batch.mask)
         if self.current_epoch_or_zero < self.hint_epochs:
             # hint stage: only the feature terms train; the zero-weighted rest keeps every parameter
             # in the graph so DDP does not complain about unused parameters

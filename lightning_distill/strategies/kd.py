@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
@@ -70,9 +70,14 @@ class KnowledgeDistillation(DistillationModule):
         self.alpha = self_alpha
         self.kl = kl
 
+    def distillation_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> Union[float, Tensor]:
+        """The temperature of this step's KD term: ``self.temperature`` (learned in :class:`CTKD`)."""
+        return self.temperature
+
     def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
         mask = batch.mask if student_logits.ndim == 3 else None
         task = self.task_loss(student_logits, batch.target)
-        kd = kd_loss(student_logits, teacher_logits, self.temperature, self.kl, mask=mask)
+        temperature = self.distillation_temperature(student_logits, teacher_logits)
+        kd = kd_loss(student_logits, teacher_logits, temperature, self.kl, mask=mask)
         loss = (1.0 - self.alpha) * task + self.alpha * kd
         return {"loss": loss, "task_loss": task, "kd_loss": kd}
