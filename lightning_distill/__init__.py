@@ -6,11 +6,12 @@ no-KD baselines. Run them from YAML with ``lightning-distill fit --config config
 """
 
 from lightning_distill.classifier import Classifier
-from lightning_distill.strategies import CTKD, DistillationModule, FeatureDistillation, KnowledgeDistillation
+from lightning_distill.strategies import CRD, CTKD, DistillationModule, FeatureDistillation, KnowledgeDistillation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CRD",
     "CTKD",
     "Classifier",
     "DistillationModule",

@@ -1,3 +1,6 @@
 """Callbacks, one per file."""
 
-__all__: list[str] = []
+from lightning_distill.callbacks.curriculum import ProgressiveCurriculum
+from lightning_distill.callbacks.temperature import TemperatureMonitor
+
+__all__ = ["ProgressiveCurriculum", "TemperatureMonitor"]

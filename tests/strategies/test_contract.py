@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lightning_distill
-from lightning_distill import DistillationModule, FeatureDistillation, KnowledgeDistillation
+from lightning_distill import CRD, CTKD, DistillationModule, FeatureDistillation, KnowledgeDistillation
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
 
 
@@ -31,10 +31,28 @@ def _feature(student: nn.Module, teacher: nn.Module) -> DistillationModule:
     )
 
 
+def _crd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    return CRD(
+        student, teacher, teacher_checkpoint="zoo:digits_cnn", student_layer="block2", teacher_layer="block3",
+        feat_dim=16, num_negatives=64, alpha=0.3,
+    )
+
+
+def _ctkd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # instance mode (an MLP built from the probe) with an anchor and a feature pair: every moving part
+    return CTKD(
+        student, teacher, teacher_checkpoint="zoo:digits_cnn", temperature_mode="instance", init_temperature=4.0,
+        lambda_epochs=1, anchor=4.0, anchor_weight=0.1, temperature_lr=0.01, layer_map={"block3": "block2"},
+        feature_loss="cosine",
+    )
+
+
 #: strategy class -> factory(student, teacher) building it with tiny, fast settings
 STRATEGIES = {
     KnowledgeDistillation: _kd,
     FeatureDistillation: _feature,
+    CRD: _crd,
+    CTKD: _ctkd,
 }
 
 

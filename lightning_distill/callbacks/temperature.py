@@ -1,0 +1,120 @@
+"""``TemperatureMonitor``: log the distillation temperature a strategy actually used."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from torch import Tensor
+
+__all__ = ["TemperatureMonitor", "used_temperature"]
+
+
+def used_temperature(pl_module: Any) -> Optional[Union[float, Tensor]]:
+    """The temperature of the last training step: ``used_temperature()`` if the module has it
+    (learned ones, per sample in CTKD's instance mode), else its ``temperature`` attribute."""
+    getter = getattr(pl_module, "used_temperature", None)
+    if callable(getter):
+        value = getter()
+        if value is not None:
+            return value
+    value = getattr(pl_module, "temperature", None)
+    return value if isinstance(value, (int, float, Tensor)) and not isinstance(value, bool) else None
+
+
+class TemperatureMonitor(L.Callback):
+    r"""Log the temperature used by any strategy -- fixed, scheduled (a curriculum), learned (CTKD).
+
+    Every ``logging_interval`` optimizer steps it logs, to every attached logger:
+
+    * ``temperature/value`` -- a single temperature (fixed, scheduled or CTKD's global one);
+    * ``temperature/mean``, ``/min``, ``/max``, ``/std`` -- per-sample temperatures (CTKD's instance
+      mode), reduced over **all processes** (every rank gathers every rank's count, sum, sum of
+      squares, min and max, so each rank logs the same numbers under the same keys: no deadlock,
+      no rank-0-only values), plus a histogram (``temperature/histogram``) when a
+      ``WandbLogger`` is attached;
+    * ``temperature/lambda`` -- the gradient-reversal strength, for strategies that have one (CTKD).
+
+    Checks in ``setup``: the trainer has a logger, and the module exposes a temperature
+    (``used_temperature()`` or a ``temperature`` attribute).
+
+    Args:
+        logging_interval: log every this many optimizer steps (>= 1).
+        log_histogram: send the per-sample histogram to W&B when a WandbLogger is attached.
+
+    Example::
+
+        >>> from lightning_distill.callbacks import TemperatureMonitor
+        >>> monitor = TemperatureMonitor(logging_interval=10)
+        >>> # Trainer(callbacks=[monitor], logger=CSVLogger("runs")).fit(CTKD(...), datamodule=...)
+    """
+
+    def __init__(self, logging_interval: int = 50, log_histogram: bool = True) -> None:
+        if isinstance(logging_interval, bool) or not isinstance(logging_interval, int) or logging_interval < 1:
+            raise ValueError(f"`logging_interval` must be an integer >= 1 (optimizer steps), got {logging_interval!r}.")
+        self.logging_interval = logging_interval
+        self.log_histogram = log_histogram
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise ValueError(
+                "TemperatureMonitor needs a logger to write to, but the Trainer has none (logger=False). "
+                "Attach one, e.g. Trainer(logger=CSVLogger('runs')), or remove the callback."
+            )
+        if used_temperature(pl_module) is None:
+            raise ValueError(
+                f"TemperatureMonitor: {type(pl_module).__name__} exposes no temperature (neither `used_temperature()` "
+                "nor a numeric `temperature` attribute). Use it with a strategy that distills at a temperature "
+                "(KnowledgeDistillation, FeatureDistillation, CTKD, ...)."
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step  # already counts this batch's optimizer step
+        if step == 0 or (step - 1) % self.logging_interval != 0:
+            return
+        value = used_temperature(pl_module)
+        if value is None:
+            return
+        metrics = self._stats(trainer, pl_module, value)
+        lam = getattr(pl_module, "current_lambda", None)
+        if isinstance(lam, (int, float)):
+            metrics["temperature/lambda"] = float(lam)
+        for key, val in metrics.items():
+            pl_module.log(key, val, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=False)
+
+    def _stats(self, trainer: L.Trainer, pl_module: L.LightningModule, value: Union[float, Tensor]) -> dict[str, float]:
+        if not isinstance(value, Tensor) or value.numel() == 1:
+            # a single temperature: identical on every rank (a float, or a parameter kept in sync by DDP)
+            return {"temperature/value": float(value)}
+        t = value.detach().float().reshape(-1)
+        local = torch.stack([t.new_tensor(float(t.numel())), t.sum(), t.pow(2).sum(), t.min(), t.max()])
+        stats = pl_module.all_gather(local) if trainer.world_size > 1 else local.unsqueeze(0)
+        stats = stats.reshape(-1, 5).double()
+        n, total, sq = stats[:, 0].sum(), stats[:, 1].sum(), stats[:, 2].sum()
+        mean = total / n
+        var = (sq - n * mean**2) / (n - 1).clamp_min(1)
+        result = {
+            "temperature/mean": float(mean),
+            "temperature/min": float(stats[:, 3].min()),
+            "temperature/max": float(stats[:, 4].max()),
+            "temperature/std": math.sqrt(max(float(var), 0.0)),
+        }
+        if self.log_histogram and trainer.is_global_zero:
+            self._histogram(trainer, t)
+        return result
+
+    @staticmethod
+    def _histogram(trainer: L.Trainer, values: Tensor) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log(
+                    {"temperature/histogram": wandb.Histogram(values.cpu().numpy()), "trainer/global_step": trainer.global_step}
+                )
