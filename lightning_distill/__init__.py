@@ -6,7 +6,14 @@ no-KD baselines. Run them from YAML with ``lightning-distill fit --config config
 """
 
 from lightning_distill.classifier import Classifier
-from lightning_distill.strategies import CRD, CTKD, DistillationModule, FeatureDistillation, KnowledgeDistillation
+from lightning_distill.strategies import (
+    CRD,
+    CTKD,
+    DistillationModule,
+    FeatureDistillation,
+    KnowledgeDistillation,
+    SelfDistillation,
+)
 
 __version__ = "0.1.0"
 
@@ -17,5 +24,6 @@ __all__ = [
     "DistillationModule",
     "FeatureDistillation",
     "KnowledgeDistillation",
+    "SelfDistillation",
     "__version__",
 ]

@@ -158,7 +158,8 @@ class FeatureCapture:
                 "choose a submodule that returns a tensor or a tuple of tensors (with `select`)."
             )
         self.outputs[name] = output
-        self._versions[name] = output._version
+        # inference tensors have no version counter (and cannot be modified in place anyway)
+        self._versions[name] = None if output.is_inference() else output._version
 
     def start(self) -> None:
         self.outputs = {}
@@ -173,7 +174,9 @@ class FeatureCapture:
                 f"{self.role} layers {missing} were not called during the forward pass; "
                 "hook modules that the model's forward actually runs."
             )
-        changed = [n for n in self.layers if self.outputs[n]._version != self._versions[n]]
+        changed = [
+            n for n in self.layers if self._versions[n] is not None and self.outputs[n]._version != self._versions[n]
+        ]
         if changed:
             raise RuntimeError(
                 f"{self.role} layers {changed} had their output modified in place later in the forward pass "

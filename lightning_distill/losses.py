@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = [
     "mse_feature_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
+    "self_distillation_loss",
     "similarity_preserving_loss",
 ]
 
@@ -421,6 +422,85 @@ def info_nce_loss(anchor: Tensor, positive: Tensor, negatives: Tensor, temperatu
         neg = torch.einsum("nd,nkd->nk", a, n)
         logits = torch.cat([pos, neg], dim=1) / temperature
         return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long, device=a.device))
+
+
+def self_distillation_loss(
+    head_logits: Sequence[Tensor],
+    target: Optional[Tensor],
+    head_features: Sequence[Tensor],
+    final_feature: Tensor,
+    temperature: float = 3.0,
+    alpha: float = 0.3,
+    feature_weight: float = 0.03,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    r"""Self-distillation loss of "Be Your Own Teacher" (Zhang et al. 2019, arXiv:1905.08094).
+
+    With :math:`K` classifiers ordered shallow to deep (head :math:`K` is the network's own
+    output), logits :math:`z_i`, :math:`q_i^T = \mathrm{softmax}(z_i / T)`, hint features
+    :math:`F_i` of the shallow heads (already projected to the deepest feature's dimension) and
+    the deepest feature :math:`F_K`:
+
+    .. math::
+
+        \mathcal{L} = \sum_{i=1}^{K} (1 - \alpha)\,\mathrm{CE}(z_i, y)
+            + \alpha\, T^2 \sum_{i=1}^{K-1} \mathrm{KL}\big(\mathrm{sg}[q_K^T] \,\|\, q_i^T\big)
+            + \lambda \sum_{i=1}^{K-1} \mathrm{MSE}\big(F_i, \mathrm{sg}[F_K]\big)
+
+    where :math:`\mathrm{sg}` stops the gradient (the deepest head teaches, it is never pulled
+    towards the shallow ones), KL is :func:`~lightning_distill.losses.kd_loss` (``batchmean``,
+    float32) and MSE is :func:`~lightning_distill.losses.mse_feature_loss` (mean over every
+    element). The deepest head has no KL / hint term with itself. Cross-entropies average over
+    labelled samples (``target != ignore_index``) and are 0 when nothing is labelled.
+
+    Args:
+        head_logits: ``K`` tensors ``[N, C]``, shallow to deep; the last is the deepest head.
+        target: ``[N]`` class indices, or ``None`` (then the CE terms are 0).
+        head_features: ``K - 1`` tensors ``[N, D]``, the projected features of the shallow heads.
+        final_feature: ``[N, D]``, the deepest head's feature (detached here).
+        temperature: ``T > 0`` of the KL term.
+        alpha: weight in [0, 1] of the KL term; ``1 - alpha`` weighs every cross-entropy.
+        feature_weight: :math:`\lambda \ge 0`, weight of the hint term.
+        ignore_index: target value of unlabelled samples.
+
+    Returns:
+        ``{"loss", "task_loss" (sum of the K CEs), "kd_loss" (sum of the K-1 T^2 KL),
+        "feature_loss" (sum of the K-1 MSE), "head_ce" ([K], one CE per head)}``, float32;
+        the sums are unweighted, ``loss`` is the weighted total above.
+
+    Example::
+
+        >>> import torch
+        >>> z = [torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, -1.0]])]
+        >>> terms = self_distillation_loss(z, torch.tensor([0]), [torch.zeros(1, 3)], torch.ones(1, 3),
+        ...                                temperature=1.0, alpha=0.5, feature_weight=1.0)
+        >>> [round(terms[k].item(), 4) for k in ("task_loss", "kd_loss", "feature_loss", "loss")]
+        [1.3618, 1.075, 1.0, 2.2184]
+    """
+    if len(head_logits) < 1 or len(head_features) != len(head_logits) - 1:
+        raise ValueError(
+            f"expected K >= 1 head logits and K - 1 shallow features, got {len(head_logits)} logits and "
+            f"{len(head_features)} features."
+        )
+    deepest = head_logits[-1]
+    teacher = deepest.detach()
+    target_feature = final_feature.detach()
+    zero = deepest.new_zeros((), dtype=torch.float32)
+    ces = []
+    for logits in head_logits:
+        if target is None:
+            ces.append(zero)
+            continue
+        total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        ces.append(total / (target != ignore_index).sum().clamp_min(1))
+    head_ce = torch.stack(ces)
+    task = head_ce.sum()
+    kd, feature = zero, zero
+    for logits, feat in zip(head_logits[:-1], head_features):
+        kd = kd + kd_loss(logits, teacher, temperature)
+        feature = feature + mse_feature_loss(feat, target_feature)
+    loss = (1.0 - alpha) * task + alpha * kd + feature_weight * feature
+    return {"loss": loss, "task_loss": task, "kd_loss": kd, "feature_loss": feature, "head_ce": head_ce}
 
 
 def _same_shape(student: Tensor, teacher: Tensor, loss: str) -> None:

@@ -27,7 +27,8 @@ def used_temperature(pl_module: Any) -> Optional[Union[float, Tensor]]:
 class TemperatureMonitor(L.Callback):
     r"""Log the temperature used by any strategy -- fixed, scheduled (a curriculum), learned (CTKD).
 
-    Every ``logging_interval`` optimizer steps it logs, to every attached logger:
+    Every ``logging_interval`` optimizer steps (after steps 1, 1 + interval, ...) it writes, directly to
+    every attached logger at ``step = trainer.global_step`` (independent of ``log_every_n_steps``):
 
     * ``temperature/value`` -- a single temperature (fixed, scheduled or CTKD's global one);
     * ``temperature/mean``, ``/min``, ``/max``, ``/std`` -- per-sample temperatures (CTKD's instance
@@ -56,6 +57,7 @@ class TemperatureMonitor(L.Callback):
             raise ValueError(f"`logging_interval` must be an integer >= 1 (optimizer steps), got {logging_interval!r}.")
         self.logging_interval = logging_interval
         self.log_histogram = log_histogram
+        self.last_logged: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -83,8 +85,12 @@ class TemperatureMonitor(L.Callback):
         lam = getattr(pl_module, "current_lambda", None)
         if isinstance(lam, (int, float)):
             metrics["temperature/lambda"] = float(lam)
-        for key, val in metrics.items():
-            pl_module.log(key, val, on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=False)
+        # written straight to every logger at this step (as Lightning's LearningRateMonitor does), so the
+        # interval is honoured whatever the Trainer's log_every_n_steps; loggers write on rank 0 only,
+        # but every rank computed the same values under the same keys
+        self.last_logged = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _stats(self, trainer: L.Trainer, pl_module: L.LightningModule, value: Union[float, Tensor]) -> dict[str, float]:
         if not isinstance(value, Tensor) or value.numel() == 1:
@@ -115,6 +121,4 @@ class TemperatureMonitor(L.Callback):
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.experiment.log(
-                    {"temperature/histogram": wandb.Histogram(values.cpu().numpy()), "trainer/global_step": trainer.global_step}
-                )
+                logger.experiment.log({"temperature/histogram": wandb.Histogram(values.cpu().numpy())}, step=trainer.global_step)

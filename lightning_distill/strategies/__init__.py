@@ -5,5 +5,6 @@ from lightning_distill.strategies.crd import CRD
 from lightning_distill.strategies.ctkd import CTKD
 from lightning_distill.strategies.feature import FeatureDistillation
 from lightning_distill.strategies.kd import KnowledgeDistillation
+from lightning_distill.strategies.self_distillation import SelfDistillation
 
-__all__ = ["CRD", "CTKD", "DistillationModule", "FeatureDistillation", "KnowledgeDistillation"]
+__all__ = ["CRD", "CTKD", "DistillationModule", "FeatureDistillation", "KnowledgeDistillation", "SelfDistillation"]

@@ -81,8 +81,8 @@ class BornAgain(DistillationModule):
 
     where :math:`z_{k-1}` are the logits of the finished generation :math:`k-1` -- the frozen
     teacher -- and :math:`D` the divergence chosen by ``kl``
-    (:func:`lightning_distill.losses.kd_loss`). ``alpha=1`` is the objective of the paper's BAN
-    students (teacher outputs only); the default keeps the labels at weight 0.5.
+    (:func:`lightning_distill.losses.kd_loss`): as in the paper, each new student learns both to
+    predict the labels and to match its teacher's output distribution (``alpha=1``: teacher only).
 
     **All generations run in one** ``trainer.fit`` with ``max_epochs = generations *
     epochs_per_generation`` (checked in ``setup``). The hand-over happens at the start of the

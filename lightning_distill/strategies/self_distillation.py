@@ -7,100 +7,15 @@ import numbers
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
 from lightning_distill.features import FeatureCapture, check_layer_names
-from lightning_distill.losses import kd_loss, mse_feature_loss
+from lightning_distill.losses import self_distillation_loss
 from lightning_distill.module import Batch
 from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
 
 __all__ = ["HeadOutputs", "SelfDistillation", "early_exit"]
-
-
-# =============================================================================================
-# Pure loss function -- to be moved to lightning_distill/losses.py (as ``self_distillation_loss``).
-# =============================================================================================
-
-
-def _loss_self_distillation(
-    head_logits: Sequence[Tensor],
-    target: Optional[Tensor],
-    head_features: Sequence[Tensor],
-    final_feature: Tensor,
-    temperature: float = 3.0,
-    alpha: float = 0.3,
-    feature_weight: float = 0.03,
-    ignore_index: int = -100,
-) -> dict[str, Tensor]:
-    r"""Self-distillation loss of "Be Your Own Teacher" (Zhang et al. 2019, arXiv:1905.08094).
-
-    With :math:`K` classifiers ordered shallow to deep (head :math:`K` is the network's own
-    output), logits :math:`z_i`, :math:`q_i^T = \mathrm{softmax}(z_i / T)`, hint features
-    :math:`F_i` of the shallow heads (already projected to the deepest feature's dimension) and
-    the deepest feature :math:`F_K`:
-
-    .. math::
-
-        \mathcal{L} = \sum_{i=1}^{K} (1 - \alpha)\,\mathrm{CE}(z_i, y)
-            + \alpha\, T^2 \sum_{i=1}^{K-1} \mathrm{KL}\big(\mathrm{sg}[q_K^T] \,\|\, q_i^T\big)
-            + \lambda \sum_{i=1}^{K-1} \mathrm{MSE}\big(F_i, \mathrm{sg}[F_K]\big)
-
-    where :math:`\mathrm{sg}` stops the gradient (the deepest head teaches, it is never pulled
-    towards the shallow ones), KL is :func:`~lightning_distill.losses.kd_loss` (``batchmean``,
-    float32) and MSE is :func:`~lightning_distill.losses.mse_feature_loss` (mean over every
-    element). The deepest head has no KL / hint term with itself. Cross-entropies average over
-    labelled samples (``target != ignore_index``) and are 0 when nothing is labelled.
-
-    Args:
-        head_logits: ``K`` tensors ``[N, C]``, shallow to deep; the last is the deepest head.
-        target: ``[N]`` class indices, or ``None`` (then the CE terms are 0).
-        head_features: ``K - 1`` tensors ``[N, D]``, the projected features of the shallow heads.
-        final_feature: ``[N, D]``, the deepest head's feature (detached here).
-        temperature: ``T > 0`` of the KL term.
-        alpha: weight in [0, 1] of the KL term; ``1 - alpha`` weighs every cross-entropy.
-        feature_weight: :math:`\lambda \ge 0`, weight of the hint term.
-        ignore_index: target value of unlabelled samples.
-
-    Returns:
-        ``{"loss", "task_loss" (sum of the K CEs), "kd_loss" (sum of the K-1 T^2 KL),
-        "feature_loss" (sum of the K-1 MSE), "head_ce" ([K], one CE per head)}``, float32;
-        the sums are unweighted, ``loss`` is the weighted total above.
-
-    Example::
-
-        >>> import torch
-        >>> z = [torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, -1.0]])]
-        >>> terms = _loss_self_distillation(z, torch.tensor([0]), [torch.zeros(1, 3)], torch.ones(1, 3),
-        ...                                 temperature=1.0, alpha=0.5, feature_weight=1.0)
-        >>> [round(terms[k].item(), 4) for k in ("task_loss", "kd_loss", "feature_loss", "loss")]
-        [1.3618, 1.075, 1.0, 2.2184]
-    """
-    if len(head_logits) < 1 or len(head_features) != len(head_logits) - 1:
-        raise ValueError(
-            f"expected K >= 1 head logits and K - 1 shallow features, got {len(head_logits)} logits and "
-            f"{len(head_features)} features."
-        )
-    deepest = head_logits[-1]
-    teacher = deepest.detach()
-    target_feature = final_feature.detach()
-    zero = deepest.new_zeros((), dtype=torch.float32)
-    ces = []
-    for logits in head_logits:
-        if target is None:
-            ces.append(zero)
-            continue
-        total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-        ces.append(total / (target != ignore_index).sum().clamp_min(1))
-    head_ce = torch.stack(ces)
-    task = head_ce.sum()
-    kd, feature = zero, zero
-    for logits, feat in zip(head_logits[:-1], head_features):
-        kd = kd + kd_loss(logits, teacher, temperature)
-        feature = feature + mse_feature_loss(feat, target_feature)
-    loss = (1.0 - alpha) * task + alpha * kd + feature_weight * feature
-    return {"loss": loss, "task_loss": task, "kd_loss": kd, "feature_loss": feature, "head_ce": head_ce}
 
 
 # =============================================================================================
@@ -253,9 +168,9 @@ class SelfDistillation(DistillationModule):
 
     with :math:`q_i^T = \mathrm{softmax}(z_i / T)`, :math:`\mathrm{sg}` a stop-gradient
     (``detach``), KL :func:`~lightning_distill.losses.kd_loss` and MSE
-    :func:`~lightning_distill.losses.mse_feature_loss`. This is the paper's objective (its sum runs
-    over all classifiers; the KL and hint terms of the deepest one with itself vanish) in this
-    library's conventions (``T**2`` on the KL, DESIGN.md §2).
+    :func:`~lightning_distill.losses.mse_feature_loss`. This is the BYOT objective summed over all
+    classifiers (the KL and hint terms of the deepest one with itself vanish), written in this
+    library's conventions (``T**2`` on the KL, ``batchmean``, DESIGN.md §2).
 
     Defaults ``temperature=3``, ``alpha=0.3``, ``feature_weight=0.03`` are the argparse defaults
     of the authors' code (github.com/ArchipLab-LinfengZhang/pytorch-self-distillation-final,
@@ -263,8 +178,7 @@ class SelfDistillation(DistillationModule):
     ``--feature_loss_coefficient 0.03``). That code differs from the formula above in ways that
     change what those numbers mean, so they are a starting point, not a reproduction: it weighs
     the deepest head's CE by 1 (not ``1 - alpha``); its KD term is a soft-target cross-entropy
-    without ``T**2`` (the same gradient as the KL divided by :math:`T^2`, so ours is 9x stronger at
-    ``T=3``); its hint term is ``torch.dist`` (the *unsquared* L2 norm over the whole batch, not a
+    (the same gradient as the KL) without the ``T**2`` factor, so ours is 9x stronger at ``T=3``; its hint term is ``torch.dist`` (the *unsquared* L2 norm over the whole batch, not a
     mean of squares) and skips one of the shallow heads; its heads are SepConv stacks with
     attention modules and its "ensemble" averages logits. Seed 001's sketch (T=4, weight 0.5, no
     hint term) is not the paper's method.
@@ -326,7 +240,7 @@ class SelfDistillation(DistillationModule):
         exit_threshold: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
-        if "teacher" in kwargs:
+        if kwargs.get("teacher") is not None:
             raise ValueError(
                 "SelfDistillation has no teacher (the network's deepest head teaches its shallower ones); "
                 "remove `teacher`. For a frozen teacher use KnowledgeDistillation or FeatureDistillation."
@@ -349,6 +263,7 @@ class SelfDistillation(DistillationModule):
         if isinstance(bottleneck_channels, bool) or not isinstance(bottleneck_channels, int) or bottleneck_channels < 1:
             raise ValueError(f"`bottleneck_channels` must be an integer >= 1, got {bottleneck_channels!r}.")
         _check_threshold(exit_threshold)
+        kwargs.pop("teacher", None)
         super().__init__(student, None, **kwargs)
         self.exit_layers = [str(n) for n in exit_layers]
         self.final_feature_layer = final_feature_layer
@@ -505,6 +420,14 @@ class SelfDistillation(DistillationModule):
                 "SelfDistillation's heads do not exist yet: they are built by a probe forward in setup(); "
                 "run the module through a Trainer or call `module.build(example_input)` first."
             )
+        if torch.is_inference_mode_enabled():
+            # Trainer.validate / test run under inference_mode, whose tensors have no version counter
+            # (which FeatureCapture reads to detect in-place changes): a plain no_grad forward instead
+            with torch.inference_mode(False), torch.no_grad():
+                return self._head_outputs(inputs)
+        return self._head_outputs(inputs)
+
+    def _head_outputs(self, inputs: Any) -> HeadOutputs:
         if self._input_capture is not None:
             with self._capture, self._input_capture:
                 logits = self.student(inputs)
@@ -548,7 +471,7 @@ class SelfDistillation(DistillationModule):
         out, self._outputs = self._outputs, None
         if student_logits.ndim != 2:
             raise ValueError(f"SelfDistillation needs [N, C] logits, got shape {tuple(student_logits.shape)}.")
-        terms = _loss_self_distillation(
+        terms = self_distillation_loss(
             out.logits, batch.target, out.features, out.final_feature,
             self.temperature, self.alpha, self.feature_weight, self.ignore_index,
         )

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 import lightning_distill
-from lightning_distill import CRD, CTKD, DistillationModule, FeatureDistillation, KnowledgeDistillation
+from lightning_distill import (
+    CRD,
+    CTKD,
+    DistillationModule,
+    FeatureDistillation,
+    KnowledgeDistillation,
+    SelfDistillation,
+)
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
 
 
@@ -47,12 +54,19 @@ def _ctkd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
     )
 
 
+def _self_distillation(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # no teacher: the network's deepest head teaches heads on its own intermediate layers
+    return SelfDistillation(student, exit_layers=["block1.0", "block1"], bottleneck_channels=4)
+
+
 #: strategy class -> factory(student, teacher) building it with tiny, fast settings
+#: (strategies without a frozen teacher ignore ``teacher``; the teacher checks then do not apply)
 STRATEGIES = {
     KnowledgeDistillation: _kd,
     FeatureDistillation: _feature,
     CRD: _crd,
     CTKD: _ctkd,
+    SelfDistillation: _self_distillation,
 }
 
 
@@ -81,7 +95,8 @@ class _Recorder(L.Callback):
         def hook(module, args):
             self.calls.append((module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
 
-        self.handle = pl_module.teacher.register_forward_pre_hook(hook)
+        if pl_module.teacher is not None:
+            self.handle = pl_module.teacher.register_forward_pre_hook(hook)
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 self.optimizer_param_ids.update(id(p) for p in group["params"])
@@ -91,14 +106,16 @@ class _Recorder(L.Callback):
         self.losses.append(float(loss))
 
     def on_train_end(self, trainer, pl_module):
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 class _TrainTheTeacher(L.Callback):
     """A hostile user: switches the teacher to train mode before every batch."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.teacher.train()
+        if pl_module.teacher is not None:
+            pl_module.teacher.train()
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,12 +130,30 @@ def strategy(request):
     return STRATEGIES[request.param](student, teacher)
 
 
+def _assert_teacher_contract(strategy, recorder, teacher_before):
+    # always eval, no_grad (not inference_mode) at every teacher forward during training
+    assert recorder.calls, "the teacher was never called during training"
+    assert all(not training for training, _, _ in recorder.calls), "teacher ran in train mode"
+    assert all(not grad for _, grad, _ in recorder.calls), "teacher ran with grad enabled"
+    assert all(not inf for _, _, inf in recorder.calls), "teacher ran under inference_mode"
+    assert not strategy.teacher.training and all(not m.training for m in strategy.teacher.modules())
+    # bit-identical: weights, BatchNorm running stats, num_batches_tracked
+    after = strategy.teacher.state_dict()
+    for key, value in teacher_before.items():
+        assert torch.equal(after[key], value), f"teacher tensor {key} changed"
+    # frozen: never received a gradient, never in an optimizer
+    assert all(p.grad is None and not p.requires_grad for p in strategy.teacher.parameters())
+    teacher_ids = {id(p) for p in strategy.teacher.parameters()}
+    assert recorder.optimizer_param_ids and not (recorder.optimizer_param_ids & teacher_ids)
+
+
 def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path):
-    teacher_before = _state(strategy.teacher)
+    has_teacher = strategy.teacher is not None
+    teacher_before = _state(strategy.teacher) if has_teacher else None
     student_before = _state(strategy.student)
-    # frozen from construction on
-    assert all(not p.requires_grad for p in strategy.teacher.parameters())
-    assert not strategy.teacher.training
+    if has_teacher:  # frozen from construction on
+        assert all(not p.requires_grad for p in strategy.teacher.parameters())
+        assert not strategy.teacher.training
 
     recorder = _Recorder()
     trainer = make_trainer(
@@ -128,25 +163,12 @@ def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path)
         callbacks=[recorder, _TrainTheTeacher()],
         enable_checkpointing=True,
     )
-    with pytest.warns(UserWarning, match="teacher submodule was in train mode"):
+    if has_teacher:
+        with pytest.warns(UserWarning, match="teacher submodule was in train mode"):
+            trainer.fit(strategy, datamodule=digits_dm)
+        _assert_teacher_contract(strategy, recorder, teacher_before)
+    else:
         trainer.fit(strategy, datamodule=digits_dm)
-
-    # always eval, no_grad (not inference_mode) at every teacher forward during training
-    assert recorder.calls, "the teacher was never called during training"
-    assert all(not training for training, _, _ in recorder.calls), "teacher ran in train mode"
-    assert all(not grad for _, grad, _ in recorder.calls), "teacher ran with grad enabled"
-    assert all(not inf for _, _, inf in recorder.calls), "teacher ran under inference_mode"
-    assert not strategy.teacher.training and all(not m.training for m in strategy.teacher.modules())
-
-    # bit-identical: weights, BatchNorm running stats, num_batches_tracked
-    after = strategy.teacher.state_dict()
-    for key, value in teacher_before.items():
-        assert torch.equal(after[key], value), f"teacher tensor {key} changed"
-
-    # frozen: never received a gradient, never in an optimizer
-    assert all(p.grad is None and not p.requires_grad for p in strategy.teacher.parameters())
-    teacher_ids = {id(p) for p in strategy.teacher.parameters()}
-    assert recorder.optimizer_param_ids and not (recorder.optimizer_param_ids & teacher_ids)
 
     # every trained parameter was optimised: it moved, and it is in the optimizer
     for name, p in strategy.named_parameters():
@@ -175,6 +197,8 @@ def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path)
 
 
 def test_train_mode_never_reaches_teacher(strategy):
+    if strategy.teacher is None:
+        pytest.skip("no frozen teacher")
     strategy.train()
     assert strategy.student.training
     assert not any(m.training for m in strategy.teacher.modules())
@@ -187,7 +211,9 @@ def test_checkpoint_round_trip_via_load_from_checkpoint(strategy, digits_dm, mak
     trainer.fit(strategy, datamodule=digits_dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    restored = type(strategy).load_from_checkpoint(path, student=DigitsStudentCNN(), teacher=DigitsCNN())
+    modules = {"student": DigitsStudentCNN()} | ({"teacher": DigitsCNN()} if strategy.teacher is not None else {})
+    restored = type(strategy).load_from_checkpoint(path, **modules)
     for key, value in strategy.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
-    assert not restored.teacher.training and not any(p.requires_grad for p in restored.teacher.parameters())
+    if strategy.teacher is not None:
+        assert not restored.teacher.training and not any(p.requires_grad for p in restored.teacher.parameters())

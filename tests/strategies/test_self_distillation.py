@@ -14,9 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.data import DigitsDataModule
+from lightning_distill.losses import self_distillation_loss
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 from lightning_distill.module import Batch
-from lightning_distill.strategies.self_distillation import SelfDistillation, _loss_self_distillation, early_exit
+from lightning_distill.strategies.self_distillation import SelfDistillation, early_exit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -124,8 +125,8 @@ def test_heads_are_built_from_probed_shapes():
 
 
 def test_vector_heads_and_default_final_feature():
-    # DigitsMLP: block1.1 is Linear(64, 16) -> [N, 16]; the logits come from `head`, fed by block1 [N, 16]
-    module = SelfDistillation(DigitsMLP(hidden=16), exit_layers=["block1.1"], bottleneck_channels=5)
+    # DigitsMLP: block1 gives [N, 16]; the logits come from `head`, whose input is block1's output
+    module = SelfDistillation(DigitsMLP(hidden=16), exit_layers=["block1"], bottleneck_channels=5)
     module.build(torch.zeros(3, 1, 8, 8))
     head = module.heads[0]
     assert [tuple(m.weight.shape) for m in head.features if isinstance(m, nn.Linear)] == [(5, 16)]
@@ -135,6 +136,15 @@ def test_vector_heads_and_default_final_feature():
     x = torch.rand(3, 1, 8, 8)
     out = module.head_outputs(x)
     assert torch.equal(out.final_feature, module.student.block1(x)) and tuple(out.final_feature.shape) == (3, 16)
+
+
+def test_heads_need_a_probe_input(make_trainer):
+    module = _module(num_classes=10)
+    with pytest.raises(RuntimeError, match="heads do not exist yet"):
+        module.head_outputs(torch.zeros(2, 1, 8, 8))
+    x, y = _batch(4)
+    with pytest.raises(ValueError, match="builds its heads from a probe forward and found no example input"):
+        make_trainer().validate(module, dataloaders=DataLoader(TensorDataset(x, y), batch_size=4), verbose=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,10 +197,10 @@ def test_deepest_head_is_a_detached_teacher():
 
 def test_pure_loss_without_labels_and_without_shallow_heads():
     z = torch.randn(4, 5)
-    terms = _loss_self_distillation([z], None, [], torch.randn(4, 3))
+    terms = self_distillation_loss([z], None, [], torch.randn(4, 3))
     assert terms["loss"].item() == 0.0 and terms["head_ce"].shape == (1,)
     with pytest.raises(ValueError, match="K - 1 shallow features"):
-        _loss_self_distillation([z, z], None, [], torch.randn(4, 3))
+        self_distillation_loss([z, z], None, [], torch.randn(4, 3))
 
 
 @pytest.mark.parametrize(("alpha", "feature_weight"), [(0.3, 0.03), (0.0, 0.0), (1.0, 0.0)])
@@ -244,7 +254,8 @@ def test_early_exit_thresholds():
         assert 1 in index.tolist() and len(set(index.tolist())) >= 2  # a genuinely mixed case
 
     module.exit_threshold = 0.0
-    assert module.predict_early_exit(x)[1].tolist() == [1] * 32
+    with torch.inference_mode():  # what Trainer.validate / test / predict use
+        assert module.predict_early_exit(x)[1].tolist() == [1] * 32
     module.exit_threshold = None
     with pytest.raises(ValueError, match="predict_early_exit needs a threshold"):
         module.predict_early_exit(x)
@@ -269,13 +280,14 @@ def test_eval_metrics_equal_an_independent_computation(make_trainer):
     module = _module()
     x, y = _digits(64)
     module.build(x)
-    module.exit_threshold = threshold = 0.12
-    trainer = make_trainer()
-    results = trainer.validate(module, dataloaders=DataLoader(TensorDataset(x, y), batch_size=64), verbose=False)[0]
-
     module.eval()
     with torch.no_grad():
         logits, _, _ = _by_hand(module, x)
+    # a threshold that sends some samples out at head 1 and the rest deeper
+    module.exit_threshold = threshold = logits[0].softmax(1).amax(1).median().item()
+    trainer = make_trainer()
+    results = trainer.validate(module, dataloaders=DataLoader(TensorDataset(x, y), batch_size=64), verbose=False)[0]
+
     for i, z in enumerate(logits, start=1):
         assert results[f"val/head{i}_acc"] == pytest.approx((z.argmax(1) == y).float().mean().item())
     assert results["val/acc"] == results["val/head3_acc"]

@@ -1,0 +1,370 @@
+"""``MutualLearning``: Zhang, Xiang, Hospedales & Lu (CVPR 2018), "Deep Mutual Learning" (arXiv:1706.00384)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+from lightning_distill.losses import KL_MODES, kd_loss
+from lightning_distill.module import Batch
+from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
+from lightning_distill.strategies.born_again import reset_module_parameters
+
+__all__ = ["MutualLearning"]
+
+_CKPT_KEY = "mutual_learning"
+_DEFAULT_METRIC = "val/student{k}_acc"
+
+
+# =============================================================================================
+# Pure loss function -- to be moved to ``lightning_distill.losses`` (as ``mutual_loss``).
+# =============================================================================================
+def _loss_mutual(
+    logits: Sequence[Tensor],
+    temperature: Union[float, Tensor] = 1.0,
+    kl: str = "forward",
+    teacher_logits: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Deep Mutual Learning's mimicry term for every student (Zhang et al. 2018, arXiv:1706.00384).
+
+    For K students with logits :math:`z_1 .. z_K` and the peer set :math:`P_k = \{j \ne k\}`
+    (plus the frozen teacher, when given, as one more peer):
+
+    .. math::
+
+        \mathcal{L}^{\mathrm{mut}}_k = \frac{1}{|P_k|} \sum_{j \in P_k}
+            T^2\, D\big(\mathrm{softmax}(\mathrm{sg}(z_j)/T),\ \mathrm{softmax}(z_k/T)\big)
+
+    with :math:`\mathrm{sg}` stop-gradient (peers' logits are **detached**: student k's term
+    trains student k only) and :math:`D` forward KL by default -- DML's
+    :math:`D_{KL}(p_j \| p_k)`; each pair term is :func:`lightning_distill.losses.kd_loss`
+    (``batchmean``, float32, log space). DML averages over the K-1 peers for K > 2 (its eq. 10).
+
+    Args:
+        logits: K >= 1 tensors, each ``[N, C]`` or ``[N, L, C]`` (same shape), one per student.
+        temperature: ``T > 0`` (DML uses 1).
+        kl: divergence of :func:`~lightning_distill.losses.kd_loss`.
+        teacher_logits: optional ``[N, C]`` / ``[N, L, C]`` logits of a frozen extra peer.
+        mask: optional ``[N, L]`` valid-token mask for token-level logits.
+
+    Returns:
+        ``[K]`` float32: the mimicry term of each student.
+
+    Example::
+
+        >>> import torch
+        >>> z1, z2 = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 0.5, -1.0]])
+        >>> [round(v, 4) for v in _loss_mutual([z1, z2]).tolist()]
+        [0.2149, 0.1718]
+    """
+    logits = list(logits)
+    peers = [z.detach() for z in logits]
+    if teacher_logits is not None:
+        peers.append(teacher_logits.detach())
+    if len(peers) < 2:
+        raise ValueError("the mutual term needs at least two models: two students, or one student and a teacher.")
+    terms = []
+    for k, z_k in enumerate(logits):
+        pair = [kd_loss(z_k, peer, temperature, kl, mask=mask) for j, peer in enumerate(peers) if j != k]
+        terms.append(torch.stack(pair).mean())
+    return torch.stack(terms)
+
+
+# =============================================================================================
+
+
+def _flat_valid(values: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    flat = values.reshape(-1, values.shape[-1])
+    flat_target = target.reshape(-1)
+    valid = flat_target != ignore_index
+    return flat[valid], flat_target[valid]
+
+
+class MutualLearning(DistillationModule):
+    r"""Deep Mutual Learning: K students trained together, each mimicking the others.
+
+    Student :math:`k` minimises
+
+    .. math::
+
+        \mathcal{L}_k = (1 - \alpha)\,\mathrm{CE}(z_k, y) + \alpha\,\mathcal{L}^{\mathrm{mut}}_k,
+        \qquad \mathcal{L}^{\mathrm{mut}}_k = \frac{1}{|P_k|}\sum_{j \in P_k}
+        T^2\,\mathrm{KL}\big(p_j^{T} \,\|\, p_k^{T}\big)
+
+    over its peers :math:`P_k` (the other students and, when given, the frozen ``teacher`` as
+    one more peer that is never trained), with the peers' logits **detached**
+    (``_loss_mutual``). DML's objective :math:`\mathrm{CE} + D_{KL}` is ``alpha=0.5`` up to a
+    factor 2; DML uses ``T=1``.
+
+    **Optimisation.** The objective is :math:`\sum_k \mathcal{L}_k` with one optimizer over all
+    students and one forward per model per step. Because peers are detached, student k's
+    gradient is exactly :math:`\nabla \mathcal{L}_k` -- the update of DML's per-student
+    optimizers. The paper updates the students *in turn*, recomputing the predictions after
+    each update; here all students step on predictions from the same forward (simultaneous
+    rather than alternating updates), which needs K forwards instead of K^2 per step.
+
+    ``students`` is an ``nn.ModuleList``; ``student`` is ``students[0]`` (``forward``,
+    ``predict`` and the ``val/acc`` metric use it). Pass ``students`` explicitly, or ``student``
+    and ``num_students``: the other students are deep copies re-initialised
+    (``reset_parameters()`` on every submodule that has it) with seeds derived from ``seed``, so
+    they start different.
+
+    Logging: ``train/loss``, ``train/task_loss``, ``train/kd_loss`` (means over students; the
+    optimised sum is K x ``train/loss``), ``train/student{k}_loss``; validation / test:
+    ``val/acc`` (student 0), ``val/student{k}_acc`` for every k, ``val/ensemble_acc`` (mean of
+    the students' softmax outputs) and, with a teacher, ``val/teacher_acc``,
+    ``val/agreement``, ``val/kl`` (student 0 vs the teacher). :meth:`best_student` /
+    :meth:`export_best_student` pick the student with the best last validation score.
+
+    Checkpoints hold every student and the last validation scores; the teacher follows the
+    contract of :class:`DistillationModule` (not saved, re-attached from the config).
+
+    Args:
+        student: the first student; with ``num_students`` the others are seeded copies of it.
+        teacher: optional frozen teacher, used as one more (never trained) peer.
+        students: K >= 2 distinct student modules (instead of ``student``).
+        num_students: K >= 2 when ``student`` is given.
+        teacher_checkpoint: weights of ``teacher`` (see :class:`DistillationModule`).
+        temperature: ``T > 0`` of the mimicry term (T² scaling applies).
+        alpha: weight of the mimicry term in [0, 1]; ``1 - alpha`` weighs the labels.
+        kl: ``"forward"`` (DML's KL), ``"reverse"``, ``"symmetric"`` or ``"js"``.
+        seed: seed of the copies' re-initialisation; ``None`` takes ``torch.initial_seed()``.
+        **kwargs: ``optimizer``, ``lr_scheduler``, ... of :class:`DistillationModule`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_distill.strategies.mutual import MutualLearning
+        >>> from lightning_distill.data import DigitsDataModule
+        >>> from lightning_distill.models import DigitsMLP
+        >>> module = MutualLearning(DigitsMLP(), num_students=3, alpha=0.5, seed=0)
+        >>> len(module.students), module.student is module.students[0]
+        (3, True)
+        >>> trainer = L.Trainer(max_epochs=30, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())  # doctest: +SKIP
+        >>> module.export_best_student("best_student.pt")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        student: Optional[nn.Module] = None,
+        teacher: Optional[nn.Module] = None,
+        students: Optional[list[nn.Module]] = None,
+        num_students: int = 2,
+        teacher_checkpoint: Optional[str] = None,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        kl: str = "forward",
+        seed: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(num_students, bool) or not isinstance(num_students, int) or num_students < 2:
+            raise ValueError(f"`num_students` must be an integer >= 2, got {num_students!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be an integer >= 0 or None, got {seed!r}.")
+        self_temperature = check_temperature(temperature)
+        self_alpha = check_alpha(alpha)
+        if kl not in KL_MODES:
+            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+        resolved_seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**31))
+        models = self._build_students(student, students, num_students, resolved_seed)
+        if teacher is not None and any(teacher is m for m in models):
+            raise ValueError("`teacher` is also one of the students; pass a separate module.")
+        super().__init__(models[0], teacher, teacher_checkpoint=teacher_checkpoint, **kwargs)
+        # the base class recorded `students` (modules) as a hyperparameter: record again without it
+        self.save_hyperparameters(ignore=["student", "students", "teacher", "optimizer", "lr_scheduler"])
+        self.students = nn.ModuleList(models)
+        self.temperature = self_temperature
+        self.alpha = self_alpha
+        self.kl = kl
+        self.seed = resolved_seed
+        #: ``{metric name: value}`` of the last validation epoch (``val/student{k}_acc``, ...)
+        self.last_validation: dict[str, float] = {}
+
+    @staticmethod
+    def _build_students(
+        student: Optional[nn.Module], students: Optional[Sequence[nn.Module]], num_students: int, seed: int
+    ) -> list[nn.Module]:
+        if (student is None) == (students is None):
+            raise ValueError(
+                "MutualLearning needs exactly one of `student` (copied `num_students` times) or `students` "
+                f"(a list of modules), got student={type(student).__name__} and students="
+                f"{type(students).__name__}."
+            )
+        if students is not None:
+            models = list(students)
+            if len(models) < 2:
+                raise ValueError(f"`students` must hold at least 2 modules, got {len(models)}.")
+            bad = [type(m).__name__ for m in models if not isinstance(m, nn.Module)]
+            if bad:
+                raise TypeError(f"`students` must be torch.nn.Module instances, got {bad}.")
+            if len({id(m) for m in models}) != len(models):
+                raise ValueError("`students` contains the same module object twice; pass distinct modules.")
+            if num_students not in (2, len(models)):
+                raise ValueError(
+                    f"`num_students`={num_students!r} disagrees with the {len(models)} modules in `students`; "
+                    "leave `num_students` out when passing `students`."
+                )
+            return models
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
+        models = [student]
+        for k in range(1, num_students):
+            peer = copy.deepcopy(student)
+            reset_module_parameters(peer, (seed * 1_000_003 + k) % (2**63 - 1))
+            models.append(peer)
+        return models
+
+    # ------------------------------------------------------------------ probing
+    def probe_outputs(self, example: Any) -> tuple[Any, Any]:
+        teacher_out = self.teacher(example) if self.teacher is not None else None
+        outputs = [s(example) for s in self.students]
+        classes = [int(o.shape[-1]) for o in outputs]
+        if len(set(classes)) != 1:
+            raise ValueError(
+                f"the students disagree on the number of classes: {classes} (student k -> outputs). Build "
+                "every student with the same num_classes."
+            )
+        return outputs[0], teacher_out
+
+    # ------------------------------------------------------------------ training
+    def forward_models(self, inputs: Any) -> tuple[list[Tensor], Optional[Tensor]]:  # type: ignore[override]
+        """One forward per model: ``([logits of student k for k in 0..K-1], teacher_logits)``."""
+        teacher_logits = self.teacher_forward(inputs)
+        return [s(inputs) for s in self.students], teacher_logits
+
+    def distillation_losses(  # type: ignore[override]
+        self, student_logits: Sequence[Tensor], teacher_logits: Optional[Tensor], batch: Batch
+    ) -> dict[str, Tensor]:
+        """Loss terms; ``student_logits`` is the list of the K students' logits.
+
+        ``loss`` is the optimised sum over students; ``task_loss`` / ``kd_loss`` are means over
+        students and ``student{k}_loss`` is :math:`\\mathcal{L}_k`.
+        """
+        logits = list(student_logits)
+        mask = batch.mask if logits[0].ndim == 3 else None
+        tasks = torch.stack([self.task_loss(z, batch.target) for z in logits])
+        mutual = _loss_mutual(logits, self.temperature, self.kl, teacher_logits, mask)
+        per_student = (1.0 - self.alpha) * tasks + self.alpha * mutual
+        terms = {"loss": per_student.sum(), "task_loss": tasks.mean(), "kd_loss": mutual.mean()}
+        for k, value in enumerate(per_student.unbind(0)):
+            terms[f"student{k}_loss"] = value
+        return terms
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        b = self.unpack_batch(batch)
+        logits, teacher_logits = self.forward_models(b.input)
+        terms = self.distillation_losses(logits, teacher_logits, b)
+        logged = dict(terms)
+        logged["loss"] = terms["loss"] / len(self.students)  # train/loss: the mean over students
+        self.log_terms("train", logged, self.batch_size_of(b))
+        return terms["loss"]
+
+    # ------------------------------------------------------------------ evaluation
+    def build_metrics(self, num_classes: int, with_teacher: bool) -> nn.ModuleDict:
+        metrics = super().build_metrics(num_classes, with_teacher)
+
+        def accuracy() -> torchmetrics.Metric:
+            return torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
+
+        for stage in metrics.values():
+            for k in range(len(self.students)):
+                stage[f"student{k}_acc"] = accuracy()
+            stage["ensemble_acc"] = accuracy()
+        return metrics
+
+    def _eval_step(self, stage: str, batch: Any) -> None:
+        b = self.unpack_batch(batch)
+        logits = [s(b.input) for s in self.students]
+        teacher_logits = self.teacher_forward(b.input)
+        metrics = self.eval_metrics[stage]
+        if b.target is not None:
+            probs = torch.stack([z.float().softmax(-1) for z in logits]).mean(0)
+            flat, target = _flat_valid(probs, b.target, self.ignore_index)
+            if target.numel() > 0:
+                metrics["ensemble_acc"].update(flat, target)
+                for k, z in enumerate(logits):
+                    metrics[f"student{k}_acc"].update(*_flat_valid(z.float(), b.target, self.ignore_index))
+        # logs {stage}/acc (student 0), the teacher metrics and every metric above
+        self.update_eval_metrics(stage, logits[0], b.target, teacher_logits)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self.eval_metrics["val"]
+        names = [f"student{k}_acc" for k in range(len(self.students))] + ["ensemble_acc"]
+        record = {}
+        for name in names:
+            if metrics[name].update_called:
+                record[f"val/{name}"] = float(metrics[name].compute())
+        if record:
+            self.last_validation = record
+
+    # ------------------------------------------------------------------ best student
+    def best_student_index(self, metric: str = _DEFAULT_METRIC, mode: str = "max") -> int:
+        """Index k of the student with the best last validation value of ``metric``.
+
+        ``metric`` is a name with ``{k}``; values come from :attr:`last_validation` (kept in
+        checkpoints), else from ``trainer.callback_metrics``.
+        """
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}.")
+        if "{k}" not in metric:
+            raise ValueError(f"`metric` must contain '{{k}}' (the student index), got {metric!r}.")
+        callback_metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        values = []
+        for k in range(len(self.students)):
+            key = metric.format(k=k)
+            if key in self.last_validation:
+                values.append(self.last_validation[key])
+            elif key in callback_metrics:
+                values.append(float(callback_metrics[key]))
+            else:
+                known = sorted(set(self.last_validation) | set(callback_metrics))
+                raise ValueError(
+                    f"no value of {key!r} found: run a validation epoch first (fit or validate), or pick "
+                    f"another `metric`. Known: {known}."
+                )
+        best = max if mode == "max" else min
+        return values.index(best(values))
+
+    def best_student(self, metric: str = _DEFAULT_METRIC, mode: str = "max") -> nn.Module:
+        """The student with the best last validation value of ``metric`` (ties: lowest index)."""
+        return self.students[self.best_student_index(metric, mode)]
+
+    def export_best_student(self, path: Union[str, os.PathLike], metric: str = _DEFAULT_METRIC, mode: str = "max") -> int:
+        """Save the best student's plain state dict to ``path`` (CPU tensors); return its index.
+
+        The file loads with ``torch.load(path, weights_only=True)`` and works as a
+        ``teacher_checkpoint`` of any strategy.
+        """
+        k = self.best_student_index(metric, mode)
+        directory = os.path.dirname(os.fspath(path))
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        torch.save({name: v.detach().cpu() for name, v in self.students[k].state_dict().items()}, path)
+        return k
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[_CKPT_KEY] = {"num_students": len(self.students), "last_validation": dict(self.last_validation)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(_CKPT_KEY)
+        if state is None:
+            return
+        if int(state["num_students"]) != len(self.students):
+            raise ValueError(
+                f"the checkpoint holds {state['num_students']} students, this module has {len(self.students)}. "
+                f"Build it with num_students={state['num_students']} (or that many `students`)."
+            )
+        self.last_validation = {str(k): float(v) for k, v in state.get("last_validation", {}).items()}
