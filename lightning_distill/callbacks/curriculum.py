@@ -64,7 +64,8 @@ class ProgressiveCurriculum(L.Callback):
 
     **Intensity**: per-stage ``temperatures`` and ``alphas`` are written to the module's
     ``temperature`` / ``alpha``; or ``temperature_schedule=(t_min, t_max)`` rises linearly with the
-    optimizer step, :math:`\tau(t) = \tau_{min} + (\tau_{max} - \tau_{min})\, t / T`.
+    training progress, :math:`\tau(t) = \tau_{min} + (\tau_{max} - \tau_{min})\, t / T` with t / T the
+    fraction of ``max_epochs`` done (counted per batch).
 
     **Stage transitions** (checked at the end of every epoch, same decision on every rank):
 
@@ -213,9 +214,13 @@ class ProgressiveCurriculum(L.Callback):
                 setattr(pl_module, name, getattr(pl_module, name))
             except AttributeError as err:
                 raise ValueError(f"ProgressiveCurriculum cannot set {type(pl_module).__name__}.{name}: {err}") from None
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
         original = getattr(source, "train_dataloader", None)
-        if not callable(original):
+        data_source = getattr(trainer.fit_loop, "_data_source", None)
+        passed_directly = data_source is not None and getattr(data_source, "instance", source) is not source
+        if not callable(original) or not is_overridden("train_dataloader", source) or passed_directly:
             raise ValueError(
                 "ProgressiveCurriculum needs a LightningDataModule (or LightningModule) with `train_dataloader()`; "
                 "dataloaders passed directly to `fit` cannot be re-subset between stages."
@@ -322,15 +327,19 @@ class ProgressiveCurriculum(L.Callback):
         if self.temperature_schedule is not None:
             pl_module.temperature = self._scheduled_temperature(trainer)
 
-    def _scheduled_temperature(self, trainer: L.Trainer) -> float:
+    def _scheduled_temperature(self, trainer: L.Trainer, batch_idx: int = 0) -> float:
+        """Rising temperature over training progress, counted in epochs: the stages' loaders differ
+        in length, so a step count (``estimated_stepping_batches``) would jump back at each stage."""
         t_min, t_max = self.temperature_schedule
-        total = trainer.estimated_stepping_batches
-        progress = trainer.global_step / total if isinstance(total, (int, float)) and math.isfinite(total) and total > 0 else 0.0
+        batches = trainer.num_training_batches
+        within = batch_idx / batches if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0 else 0.0
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        progress = (trainer.current_epoch + within) / max_epochs if max_epochs else 0.0
         return t_min + (t_max - t_min) * min(max(progress, 0.0), 1.0)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.temperature_schedule is not None:
-            pl_module.temperature = self._scheduled_temperature(trainer)
+            pl_module.temperature = self._scheduled_temperature(trainer, batch_idx)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trigger != "loss_plateau":

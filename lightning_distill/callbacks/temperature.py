@@ -96,13 +96,18 @@ class TemperatureMonitor(L.Callback):
         if not isinstance(value, Tensor) or value.numel() == 1:
             # a single temperature: identical on every rank (a float, or a parameter kept in sync by DDP)
             return {"temperature/value": float(value)}
-        t = value.detach().float().reshape(-1)
-        local = torch.stack([t.new_tensor(float(t.numel())), t.sum(), t.pow(2).sum(), t.min(), t.max()])
+        # per rank: count, mean, sum of squared deviations (M2), min, max -- in float64, combined across
+        # ranks with Chan's parallel formula (no catastrophic cancellation when all values are equal)
+        t = value.detach().double().reshape(-1)
+        local_mean = t.mean()
+        local = torch.stack([t.new_tensor(float(t.numel())), local_mean, (t - local_mean).pow(2).sum(), t.min(), t.max()])
         stats = pl_module.all_gather(local) if trainer.world_size > 1 else local.unsqueeze(0)
         stats = stats.reshape(-1, 5).double()
-        n, total, sq = stats[:, 0].sum(), stats[:, 1].sum(), stats[:, 2].sum()
-        mean = total / n
-        var = (sq - n * mean**2) / (n - 1).clamp_min(1)
+        counts, means, m2s = stats[:, 0], stats[:, 1], stats[:, 2]
+        n = counts.sum()
+        mean = (counts * means).sum() / n
+        m2 = m2s.sum() + (counts * (means - mean).pow(2)).sum()
+        var = m2 / (n - 1).clamp_min(1)
         result = {
             "temperature/mean": float(mean),
             "temperature/min": float(stats[:, 3].min()),

@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
 from lightning_distill.losses import KL_MODES, kd_loss
@@ -226,11 +227,20 @@ class BornAgain(DistillationModule):
 
     def _check_schedule(self) -> None:
         trainer = self.trainer
+        if self.generations > 1 and type(trainer.strategy).setup_optimizers is not Strategy.setup_optimizers:
+            raise ValueError(
+                f"BornAgain restarts the optimizer at every generation through `Strategy.setup_optimizers`, which "
+                f"{type(trainer.strategy).__name__} overrides (it wraps its optimizers); use a single-device or DDP "
+                "strategy, or run one generation per fit (generations=1 with the previous generation as teacher)."
+            )
         if trainer.fast_dev_run:
             self._resolved_epochs = self.epochs_per_generation or 1
             return
         max_epochs = trainer.max_epochs
         g, e = self.generations, self.epochs_per_generation
+        if e is None and g == 1:  # a single generation: any schedule (no hand-over)
+            self._resolved_epochs = max_epochs if max_epochs is not None and max_epochs > 0 else None
+            return
         if e is None:
             if max_epochs is None or max_epochs < g or max_epochs % g != 0:
                 raise ValueError(

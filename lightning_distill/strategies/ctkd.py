@@ -210,11 +210,12 @@ class CTKD(FeatureDistillation):
 
     @property
     def temperature(self) -> float:
-        """The current temperature: the global :math:`\\tau`, or the mean over the last batch (instance mode)."""
-        if self._last_temperature is not None:
-            return float(self._last_temperature.float().mean())
+        """The current temperature: the global :math:`\\tau` from the current :math:`\\theta`, or in instance
+        mode the mean over the last batch (``used_temperature()`` has the last step's values)."""
         if isinstance(self.temperature_module, GlobalTemperature):
             return float(_bounded(self.temperature_module.theta.detach(), self.t_start, self.t_range))
+        if self._last_temperature is not None:
+            return float(self._last_temperature.float().mean())
         return self.t_start + self.t_range / (1.0 + math.exp(-self.theta_init))
 
     @temperature.setter

@@ -10,7 +10,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lightning_distill.checkpoint import load_weights
-from lightning_distill.losses import KL_MODES, kd_loss
+from lightning_distill.losses import KL_MODES, _acc_dtype, kd_loss
 from lightning_distill.module import Batch
 from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
 
@@ -35,10 +35,6 @@ def _stack_teachers(teacher_logits: Union[Tensor, Sequence[Tensor]]) -> Tensor:
     if not shapes or len(set(shapes)) != 1:
         raise ValueError(f"the teachers' logits must be one or more tensors of the same shape, got shapes {shapes}.")
     return torch.stack(list(teacher_logits))
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _loss_mixture_log_probs(
@@ -68,7 +64,7 @@ def _loss_mixture_log_probs(
             f"dims, then one weight per teacher), got {tuple(weights.shape)}."
         )
     with torch.autocast(device_type=stacked.device.type, enabled=False):
-        dtype = _acc(stacked)
+        dtype = _acc_dtype(stacked)
         log_p = F.log_softmax(stacked.to(dtype) / temperature, dim=-1)  # [M, *, C]
         # clamp: log(0) = -inf would give a NaN gradient (0 * inf) for a weight of exactly 0
         log_w = weights.to(dtype).clamp_min(torch.finfo(dtype).tiny).log().movedim(-1, 0).unsqueeze(-1)  # [M, *, 1]
@@ -98,7 +94,7 @@ def _loss_confidence_weights(
     """
     stacked = _stack_teachers(teacher_logits)
     with torch.autocast(device_type=stacked.device.type, enabled=False):
-        dtype = _acc(stacked)
+        dtype = _acc_dtype(stacked)
         log_p = F.log_softmax(stacked.to(dtype) / temperature, dim=-1)
         p = log_p.exp()
         entropy = (-torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)).clamp_min(0.0)  # [M, *]

@@ -213,7 +213,8 @@ class OnlineDistillation(DistillationModule):
         teacher when there is one), ``teacher_acc`` is always the online teacher's."""
         metrics = super().build_metrics(num_classes, with_teacher=True)
         for collection in metrics.values():
-            collection.pop("teacher_acc")
+            if "teacher_acc" in collection:
+                del collection["teacher_acc"]
         names = ["teacher_acc"] + (["ema_teacher_acc"] if self.ema_teacher is not None else [])
 
         def accuracy() -> torchmetrics.Metric:

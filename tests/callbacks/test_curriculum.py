@@ -248,12 +248,6 @@ def test_rising_temperature_schedule_single_stage(make_trainer):
         assert temperature == pytest.approx(1.0 + 2.0 * step / total, rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ProgressiveCurriculum._scheduled_temperature divides by trainer.estimated_stepping_batches, "
-    "which follows the current stage's (smaller) subset; the 'rising' temperature drops at every stage change "
-    "and never gets near t_max",
-)
 def test_rising_temperature_schedule_never_decreases_across_stages(make_trainer):
     pocl = _pocl(temperature_schedule=(1.0, 3.0))
     recorder = _Recorder(pocl)
@@ -443,12 +437,6 @@ def test_defaults_are_valid():
     assert pocl.rrf_k == 60 and pocl.trigger == "time"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ProgressiveCurriculum.setup only checks callable(source.train_dataloader); every LightningModule "
-    "inherits a train_dataloader hook, so dataloaders passed to fit() slip through and on_fit_start fails with "
-    "Lightning's MisconfigurationException instead of the documented ValueError",
-)
 def test_dataloaders_passed_directly_to_fit_are_rejected(make_trainer):
     dm = DigitsDataModule(batch_size=64, shuffle_seed=0)
     dm.setup("fit")

@@ -165,18 +165,13 @@ def test_ctkd_instance_logs_per_sample_statistics(digits_dm, make_trainer, tmp_p
         expected = _independent_stats(tau)
         for key in ("mean", "min", "max"):
             assert _column(rows, f"temperature/{key}")[step] == pytest.approx(expected[key], rel=1e-6), (step, key)
-        if expected["std"] > 0.05:  # see the xfail below for (near-)identical temperatures
+        if expected["std"] > 0.05:
             spread_steps += 1
             assert _column(rows, "temperature/std")[step] == pytest.approx(expected["std"], rel=1e-3), step
         assert _column(rows, "temperature/lambda")[step] == pytest.approx(recorder.lam[step], rel=1e-6, abs=1e-9)
     assert spread_steps >= 1  # the MLP learned per-sample temperatures after the first step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TemperatureMonitor._stats computes the variance in one pass from float32 sums "
-    "(sum(t^2) - n*mean^2): catastrophic cancellation reports std ~5e-3 for 64 identical temperatures",
-)
 def test_instance_std_is_zero_when_all_temperatures_are_equal(digits_dm, make_trainer, tmp_path):
     logger = CSVLogger(tmp_path)
     recorder = _fit(_ctkd("instance"), make_trainer, digits_dm, logger, batches=1, interval=1)
