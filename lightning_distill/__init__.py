@@ -9,9 +9,13 @@ from lightning_distill.classifier import Classifier
 from lightning_distill.strategies import (
     CRD,
     CTKD,
+    BornAgain,
     DistillationModule,
     FeatureDistillation,
     KnowledgeDistillation,
+    MultiTeacherDistillation,
+    MutualLearning,
+    OnlineDistillation,
     SelfDistillation,
 )
 
@@ -20,10 +24,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CRD",
     "CTKD",
+    "BornAgain",
     "Classifier",
     "DistillationModule",
     "FeatureDistillation",
     "KnowledgeDistillation",
+    "MultiTeacherDistillation",
+    "MutualLearning",
+    "OnlineDistillation",
     "SelfDistillation",
     "__version__",
 ]

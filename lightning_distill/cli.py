@@ -125,11 +125,13 @@ class DistillCLI(LightningCLI):
         last = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         last = last[0] if last else {}
         best, best_epoch, best_score = {}, None, None
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.monitor and ckpt.best_model_path:
+        # the checkpoint callback that monitors a metric (an unmonitored one keeps last.ckpt current:
+        # with a monitor, Lightning rewrites last.ckpt only when the metric improves)
+        ckpt = next((c for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), None)
+        if ckpt is not None:
             best_epoch = _epoch_of(ckpt.best_model_path)
             best_score = float(ckpt.best_model_score) if ckpt.best_model_score is not None else None
-            results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", verbose=False)
+            results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt.best_model_path, verbose=False)
             best = results[0] if results else {}
         if trainer.is_global_zero:
             print(format_test_summary(self.model, last, self.datamodule))

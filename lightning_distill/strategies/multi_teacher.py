@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,12 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lightning_distill.checkpoint import load_weights
-from lightning_distill.losses import KL_MODES, _acc_dtype, kd_loss
+from lightning_distill.losses import (
+    KL_MODES,
+    confidence_weights,
+    multi_teacher_kd_loss,
+    teacher_mixture_log_probs,
+)
 from lightning_distill.module import Batch
 from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
 
@@ -18,134 +23,6 @@ __all__ = ["WEIGHTINGS", "MultiTeacherDistillation", "TeacherEnsemble"]
 
 #: ``weighting`` values of :class:`MultiTeacherDistillation`.
 WEIGHTINGS = ("mean", "confidence", "learned")
-
-
-# =============================================================================================
-# Pure loss functions -- to be moved to lightning_distill/losses.py (and exported there without
-# the leading underscore). Tensors in, a tensor out; float32 (float64 for float64 inputs) in log
-# space whatever the input dtype or an enclosing autocast region.
-# =============================================================================================
-
-
-def _stack_teachers(teacher_logits: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-    """``[M, *, C]`` from a stacked tensor or a sequence of M ``[*, C]`` tensors of the same shape."""
-    if isinstance(teacher_logits, Tensor):
-        return teacher_logits
-    shapes = [tuple(t.shape) for t in teacher_logits]
-    if not shapes or len(set(shapes)) != 1:
-        raise ValueError(f"the teachers' logits must be one or more tensors of the same shape, got shapes {shapes}.")
-    return torch.stack(list(teacher_logits))
-
-
-def _loss_mixture_log_probs(
-    teacher_logits: Union[Tensor, Sequence[Tensor]], weights: Tensor, temperature: float = 1.0
-) -> Tensor:
-    r"""Log of the per-sample mixture of softened teacher distributions.
-
-    .. math:: \log p_i = \log \sum_{m=1}^{M} w_{i,m}\, \mathrm{softmax}(z_{i,m} / T)
-              = \operatorname{logsumexp}_m \big(\log w_{i,m} + \log\mathrm{softmax}(z_{i,m}/T)\big)
-
-    computed in log space, so it is finite for logits of any finite magnitude.
-
-    Args:
-        teacher_logits: ``[M, *, C]`` (M teachers stacked) or a sequence of M ``[*, C]`` tensors.
-        weights: ``[*, M]``, non-negative, summing to 1 over the last dim (not checked: that
-            would sync with an accelerator). A weight of exactly 0 drops its teacher; gradients
-            with respect to ``weights`` stay finite.
-        temperature: ``T > 0``.
-
-    Returns:
-        ``[*, C]`` log-probabilities (float32, or float64 for float64 logits).
-    """
-    stacked = _stack_teachers(teacher_logits)
-    if tuple(weights.shape) != tuple(stacked.shape[1:-1]) + (stacked.shape[0],):
-        raise ValueError(
-            f"`weights` must have shape {tuple(stacked.shape[1:-1]) + (stacked.shape[0],)} (the logits' leading "
-            f"dims, then one weight per teacher), got {tuple(weights.shape)}."
-        )
-    with torch.autocast(device_type=stacked.device.type, enabled=False):
-        dtype = _acc_dtype(stacked)
-        log_p = F.log_softmax(stacked.to(dtype) / temperature, dim=-1)  # [M, *, C]
-        # clamp: log(0) = -inf would give a NaN gradient (0 * inf) for a weight of exactly 0
-        log_w = weights.to(dtype).clamp_min(torch.finfo(dtype).tiny).log().movedim(-1, 0).unsqueeze(-1)  # [M, *, 1]
-        return torch.logsumexp(log_w + log_p, dim=0)
-
-
-def _loss_confidence_weights(
-    teacher_logits: Union[Tensor, Sequence[Tensor]], temperature: float = 1.0, eps: float = 1e-6
-) -> Tensor:
-    r"""Per-sample teacher weights from each teacher's confidence: inverse entropy, normalised.
-
-    .. math:: w_{i,m} = \frac{1 / (H_{i,m} + \epsilon)}{\sum_{k} 1 / (H_{i,k} + \epsilon)},\qquad
-              H_{i,m} = -\sum_c p_{i,m,c} \log p_{i,m,c},\quad p_{i,m} = \mathrm{softmax}(z_{i,m} / T)
-
-    A sharper (lower-entropy) teacher gets more weight on that sample; equal entropies give the
-    plain mean. The normalisation is a softmax of :math:`-\log(H + \epsilon)` over teachers, exact
-    and finite even when several teachers are one-hot (:math:`H = 0`).
-
-    Args:
-        teacher_logits: ``[M, *, C]`` or a sequence of M ``[*, C]`` tensors.
-        temperature: ``T > 0`` at which the entropies are measured (the KD temperature).
-        eps: :math:`\epsilon > 0`, bounds the weight of a one-hot teacher.
-
-    Returns:
-        ``[*, M]`` weights summing to 1 over the last dim (float32 / float64), no gradient path
-        needed (teachers are frozen) but differentiable.
-    """
-    stacked = _stack_teachers(teacher_logits)
-    with torch.autocast(device_type=stacked.device.type, enabled=False):
-        dtype = _acc_dtype(stacked)
-        log_p = F.log_softmax(stacked.to(dtype) / temperature, dim=-1)
-        p = log_p.exp()
-        entropy = (-torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)).clamp_min(0.0)  # [M, *]
-        return torch.softmax(-torch.log(entropy + eps), dim=0).movedim(0, -1)
-
-
-def _loss_multi_teacher_kd(
-    student_logits: Tensor,
-    teacher_logits: Union[Tensor, Sequence[Tensor]],
-    weights: Tensor,
-    temperature: float = 4.0,
-    kl: str = "forward",
-    mask: Optional[Tensor] = None,
-) -> Tensor:
-    r"""Multi-teacher KD: distill a per-sample weighted mixture of the teachers' softened outputs.
-
-    .. math::
-
-        \mathcal{L} = T^2\,\frac{1}{|V|}\sum_{i \in V} D\big(p_i,\ \mathrm{softmax}(z^S_i / T)\big),
-        \qquad p_i = \sum_{m=1}^{M} w_{i,m}\,\mathrm{softmax}(z_{i,m} / T)
-
-    with :math:`D` = KL(p || q) for ``kl="forward"`` (or the other divergences of
-    :func:`lightning_distill.losses.kd_loss`) and batchmean reduction over the samples / valid
-    tokens :math:`V`. Mean weights are the classic multi-teacher average (e.g. You et al. 2017,
-    "Learning from Multiple Teacher Networks"); per-instance weights follow AMTML-KD (Liu et al.
-    2020, arXiv:2103.04062). The mixture :math:`p` is formed in log space
-    (:func:`_loss_mixture_log_probs`) and handed to :func:`~lightning_distill.losses.kd_loss` as the
-    logits :math:`T \log p` (whose softmax at temperature :math:`T` is :math:`p`), so masking,
-    float32 log-space accuracy and the ``T**2`` scaling are exactly kd_loss's.
-
-    Args:
-        student_logits: ``[N, C]`` or ``[N, L, C]``.
-        teacher_logits: ``[M, N, C]`` / ``[M, N, L, C]`` or a sequence of M tensors shaped like
-            ``student_logits`` (pass them detached / computed under ``no_grad``).
-        weights: ``[N, M]`` / ``[N, L, M]``, rows summing to 1; may carry a gradient (a learned
-            gate is trained through this loss).
-        temperature: ``T > 0``.
-        kl: one of :data:`lightning_distill.losses.KL_MODES`.
-        mask: optional ``[N, L]`` validity mask for token-level logits (see ``kd_loss``); masked
-            positions must hold finite teacher logits and weights (zero them).
-
-    Returns:
-        A float32 scalar (float64 for float64 logits); 0 for identical student and mixture.
-    """
-    log_p = _loss_mixture_log_probs(teacher_logits, weights, temperature)
-    if tuple(log_p.shape) != tuple(student_logits.shape):
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(log_p.shape)} differ in shape; "
-            "check that every model predicts the same number of classes."
-        )
-    return kd_loss(student_logits, temperature * log_p, temperature, kl, mask=mask)
 
 
 # =============================================================================================
@@ -209,11 +86,11 @@ class MultiTeacherDistillation(DistillationModule):
                       + \alpha\, T^2\, D\Big(\sum_m w_{i,m}\,\mathrm{softmax}(z_{i,m}/T),\
                       \mathrm{softmax}(z_{S,i}/T)\Big)
 
-    (:func:`_loss_multi_teacher_kd`), with per-sample weights :math:`w_{i,\cdot}` summing to 1:
+    (:func:`multi_teacher_kd_loss`), with per-sample weights :math:`w_{i,\cdot}` summing to 1:
 
     * ``mean`` -- :math:`1/M` (the average of the teachers' softmaxes);
     * ``confidence`` -- inverse entropy of each teacher's prediction at :math:`T`, normalised
-      over teachers: :math:`w \propto 1/(H + \epsilon)` (:func:`_loss_confidence_weights`);
+      over teachers: :math:`w \propto 1/(H + \epsilon)` (:func:`confidence_weights`);
     * ``learned`` -- AMTML-KD-style instance-level weights (Liu et al. 2020, arXiv:2103.04062),
       simplified: a small gating MLP on the concatenated softened teacher predictions
       :math:`\mathrm{softmax}(z_m/T)` (probabilities rather than raw logits, so extreme logits cannot
@@ -346,7 +223,7 @@ class MultiTeacherDistillation(DistillationModule):
             shape = tuple(teacher_logits.shape[1:-1]) + (teacher_logits.shape[0],)
             return torch.full(shape, 1.0 / teacher_logits.shape[0], dtype=torch.float32, device=teacher_logits.device)
         if self.weighting == "confidence":
-            return _loss_confidence_weights(teacher_logits, self.temperature)
+            return confidence_weights(teacher_logits, self.temperature)
         if self.gate is None:
             raise RuntimeError(
                 "the `learned` gate is built from the number of classes, which is not known yet: pass "
@@ -408,7 +285,7 @@ class MultiTeacherDistillation(DistillationModule):
             teacher_logits = torch.where(mask.bool().unsqueeze(-1), teacher_logits, torch.zeros_like(teacher_logits))
         weights = self.teacher_weights(teacher_logits)
         task = self.task_loss(student_logits, batch.target)
-        kd = _loss_multi_teacher_kd(student_logits, teacher_logits, weights, self.temperature, self.kl, mask=mask)
+        kd = multi_teacher_kd_loss(student_logits, teacher_logits, weights, self.temperature, self.kl, mask=mask)
         loss = (1.0 - self.alpha) * task + self.alpha * kd
         terms = {"loss": loss, "task_loss": task, "kd_loss": kd}
         flat = weights.detach().reshape(-1, weights.shape[-1])
@@ -434,5 +311,5 @@ class MultiTeacherDistillation(DistillationModule):
                 if flat.shape[0] > 0:
                     metrics[f"teacher{m}_acc"].update(flat, flat_target[valid])
         # the ensemble's prediction: the mixture at T = 1 with the training weights (base logs every metric)
-        mixture = _loss_mixture_log_probs(teacher_logits, self.teacher_weights(teacher_logits), 1.0)
+        mixture = teacher_mixture_log_probs(teacher_logits, self.teacher_weights(teacher_logits), 1.0)
         self.update_eval_metrics(stage, student_logits, b.target, mixture)

@@ -10,7 +10,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_distill.losses import KL_MODES, kd_loss
+from lightning_distill.losses import KL_MODES, mutual_loss
 from lightning_distill.module import Batch
 from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
 from lightning_distill.strategies.born_again import reset_module_parameters
@@ -19,61 +19,6 @@ __all__ = ["MutualLearning"]
 
 _CKPT_KEY = "mutual_learning"
 _DEFAULT_METRIC = "val/student{k}_acc"
-
-
-# =============================================================================================
-# Pure loss function -- to be moved to ``lightning_distill.losses`` (as ``mutual_loss``).
-# =============================================================================================
-def _loss_mutual(
-    logits: Sequence[Tensor],
-    temperature: Union[float, Tensor] = 1.0,
-    kl: str = "forward",
-    teacher_logits: Optional[Tensor] = None,
-    mask: Optional[Tensor] = None,
-) -> Tensor:
-    r"""Deep Mutual Learning's mimicry term for every student (Zhang et al. 2018, arXiv:1706.00384).
-
-    For K students with logits :math:`z_1 .. z_K` and the peer set :math:`P_k = \{j \ne k\}`
-    (plus the frozen teacher, when given, as one more peer):
-
-    .. math::
-
-        \mathcal{L}^{\mathrm{mut}}_k = \frac{1}{|P_k|} \sum_{j \in P_k}
-            T^2\, D\big(\mathrm{softmax}(\mathrm{sg}(z_j)/T),\ \mathrm{softmax}(z_k/T)\big)
-
-    with :math:`\mathrm{sg}` stop-gradient (peers' logits are **detached**: student k's term
-    trains student k only) and :math:`D` forward KL by default -- DML's
-    :math:`D_{KL}(p_j \| p_k)`; each pair term is :func:`lightning_distill.losses.kd_loss`
-    (``batchmean``, float32, log space). DML averages over the K-1 peers for K > 2 (its eq. 10).
-
-    Args:
-        logits: K >= 1 tensors, each ``[N, C]`` or ``[N, L, C]`` (same shape), one per student.
-        temperature: ``T > 0`` (DML uses 1).
-        kl: divergence of :func:`~lightning_distill.losses.kd_loss`.
-        teacher_logits: optional ``[N, C]`` / ``[N, L, C]`` logits of a frozen extra peer.
-        mask: optional ``[N, L]`` valid-token mask for token-level logits.
-
-    Returns:
-        ``[K]`` float32: the mimicry term of each student.
-
-    Example::
-
-        >>> import torch
-        >>> z1, z2 = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 0.5, -1.0]])
-        >>> [round(v, 4) for v in _loss_mutual([z1, z2]).tolist()]
-        [0.2149, 0.1718]
-    """
-    logits = list(logits)
-    peers = [z.detach() for z in logits]
-    if teacher_logits is not None:
-        peers.append(teacher_logits.detach())
-    if len(peers) < 2:
-        raise ValueError("the mutual term needs at least two models: two students, or one student and a teacher.")
-    terms = []
-    for k, z_k in enumerate(logits):
-        pair = [kd_loss(z_k, peer, temperature, kl, mask=mask) for j, peer in enumerate(peers) if j != k]
-        terms.append(torch.stack(pair).mean())
-    return torch.stack(terms)
 
 
 # =============================================================================================
@@ -99,7 +44,7 @@ class MutualLearning(DistillationModule):
 
     over its peers :math:`P_k` (the other students and, when given, the frozen ``teacher`` as
     one more peer that is never trained), with the peers' logits **detached**
-    (``_loss_mutual``). DML's objective :math:`\mathrm{CE} + D_{KL}` is ``alpha=0.5`` up to a
+    (``mutual_loss``). DML's objective :math:`\mathrm{CE} + D_{KL}` is ``alpha=0.5`` up to a
     factor 2; DML uses ``T=1``.
 
     **Optimisation.** The objective is :math:`\sum_k \mathcal{L}_k` with one optimizer over all
@@ -251,7 +196,7 @@ class MutualLearning(DistillationModule):
         logits = list(student_logits)
         mask = batch.mask if logits[0].ndim == 3 else None
         tasks = torch.stack([self.task_loss(z, batch.target) for z in logits])
-        mutual = _loss_mutual(logits, self.temperature, self.kl, teacher_logits, mask)
+        mutual = mutual_loss(logits, self.temperature, self.kl, teacher_logits, mask)
         per_student = (1.0 - self.alpha) * tasks + self.alpha * mutual
         terms = {"loss": per_student.sum(), "task_loss": tasks.mean(), "kd_loss": mutual.mean()}
         for k, value in enumerate(per_student.unbind(0)):

@@ -18,9 +18,13 @@ import lightning_distill
 from lightning_distill import (
     CRD,
     CTKD,
+    BornAgain,
     DistillationModule,
     FeatureDistillation,
     KnowledgeDistillation,
+    MultiTeacherDistillation,
+    MutualLearning,
+    OnlineDistillation,
     SelfDistillation,
 )
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
@@ -59,6 +63,30 @@ def _self_distillation(student: nn.Module, teacher: nn.Module) -> DistillationMo
     return SelfDistillation(student, exit_layers=["block1.0", "block1"], bottleneck_channels=4)
 
 
+def _born_again(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # one generation distilled from the user's teacher (generation hand-over: test_born_again.py)
+    return BornAgain(student, generations=1, teacher=teacher, teacher_checkpoint="zoo:digits_cnn", temperature=4.0, alpha=0.7)
+
+
+def _mutual(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # two students (the second re-initialised) plus the frozen teacher as an extra, non-trained peer
+    return MutualLearning(
+        student, teacher, num_students=2, teacher_checkpoint="zoo:digits_cnn", temperature=2.0, alpha=0.5, seed=0
+    )
+
+
+def _online(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # the teacher trains here; its EMA copy is the frozen part
+    return OnlineDistillation(student, teacher, ema_decay=0.9, temperature=3.0, alpha=0.7)
+
+
+def _multi_teacher(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    return MultiTeacherDistillation(
+        student, [teacher, DigitsCNN(dropout=0.5)], teacher_checkpoints=["zoo:digits_cnn", "zoo:digits_cnn"],
+        weighting="learned", temperature=4.0, alpha=0.7, gate_hidden=8,
+    )
+
+
 #: strategy class -> factory(student, teacher) building it with tiny, fast settings
 #: (strategies without a frozen teacher ignore ``teacher``; the teacher checks then do not apply)
 STRATEGIES = {
@@ -67,6 +95,10 @@ STRATEGIES = {
     CRD: _crd,
     CTKD: _ctkd,
     SelfDistillation: _self_distillation,
+    BornAgain: _born_again,
+    MutualLearning: _mutual,
+    OnlineDistillation: _online,
+    MultiTeacherDistillation: _multi_teacher,
 }
 
 
@@ -170,9 +202,12 @@ def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path)
     else:
         trainer.fit(strategy, datamodule=digits_dm)
 
-    # every trained parameter was optimised: it moved, and it is in the optimizer
+    # every trained parameter was optimised: it moved, and it is in the optimizer (frozen parts -- a
+    # teacher, an EMA copy -- are never in it)
+    frozen = {id(p) for p in strategy.frozen_parameters()}
+    assert not (recorder.optimizer_param_ids & frozen)
     for name, p in strategy.named_parameters():
-        if name.startswith("teacher."):
+        if name.startswith("teacher.") or id(p) in frozen:
             continue
         assert id(p) in recorder.optimizer_param_ids, f"{name} is not optimised"
         if name.startswith("student."):
@@ -211,7 +246,12 @@ def test_checkpoint_round_trip_via_load_from_checkpoint(strategy, digits_dm, mak
     trainer.fit(strategy, datamodule=digits_dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    modules = {"student": DigitsStudentCNN()} | ({"teacher": DigitsCNN()} if strategy.teacher is not None else {})
+    init = inspect.signature(type(strategy).__init__).parameters
+    modules = {"student": DigitsStudentCNN()}
+    if "teacher" in init and (strategy.teacher is not None or init["teacher"].default is inspect.Parameter.empty):
+        modules["teacher"] = DigitsCNN()
+    if "teachers" in init:
+        modules["teachers"] = [DigitsCNN() for _ in strategy.teachers]
     restored = type(strategy).load_from_checkpoint(path, **modules)
     for key, value in strategy.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key

@@ -14,14 +14,10 @@ from hypothesis import strategies as st
 
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.data import DigitsDataModule
+from lightning_distill.losses import confidence_weights, multi_teacher_kd_loss, teacher_mixture_log_probs
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 from lightning_distill.module import Batch
-from lightning_distill.strategies.multi_teacher import (
-    MultiTeacherDistillation,
-    _loss_confidence_weights,
-    _loss_mixture_log_probs,
-    _loss_multi_teacher_kd,
-)
+from lightning_distill.strategies.multi_teacher import MultiTeacherDistillation
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -82,7 +78,7 @@ def test_weights_sum_to_one_per_sample(data, m, n, c, temperature, weighting):
     assert weights.shape == (n, m)
     assert torch.isfinite(weights).all() and (weights >= 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(n), rtol=0, atol=1e-5)
-    assert torch.isfinite(_loss_mixture_log_probs(logits, weights, temperature)).all()
+    assert torch.isfinite(teacher_mixture_log_probs(logits, weights, temperature)).all()
 
 
 def test_mean_mixture_is_the_plain_average_of_softmaxes():
@@ -91,23 +87,23 @@ def test_mean_mixture_is_the_plain_average_of_softmaxes():
     weights = _module("mean", n=3).teacher_weights(logits)
     assert torch.equal(weights, torch.full((5, 3), 1 / 3))
     expected = sum((logits[m] / 2.0).softmax(-1) for m in range(3)) / 3
-    torch.testing.assert_close(_loss_mixture_log_probs(logits, weights, 2.0).exp(), expected)
+    torch.testing.assert_close(teacher_mixture_log_probs(logits, weights, 2.0).exp(), expected)
 
 
 def test_confidence_favours_the_sharper_teacher_by_inverse_entropy():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(6, 10, generator=g)
     logits = torch.stack([0.2 * base, 5.0 * base])  # teacher 1 is the sharp one
-    weights = _loss_confidence_weights(logits, temperature=2.0)
+    weights = confidence_weights(logits, temperature=2.0)
     assert (weights[:, 1] > weights[:, 0]).all()
     # against the formula written out: w ∝ 1 / (H + eps)
     p = (logits.double() / 2.0).softmax(-1)
     inv = 1.0 / (-(p * p.log()).sum(-1) + 1e-6)  # [M, N]
     torch.testing.assert_close(weights.double(), (inv / inv.sum(0)).T, rtol=1e-5, atol=1e-6)
     # equal entropies -> the plain mean; one-hot teachers stay finite
-    assert torch.allclose(_loss_confidence_weights(torch.stack([base, base.flip(-1)])), torch.full((6, 2), 0.5))
+    assert torch.allclose(confidence_weights(torch.stack([base, base.flip(-1)])), torch.full((6, 2), 0.5))
     one_hot = torch.stack([1e4 * F.one_hot(torch.arange(6) % 10, 10).float(), base])
-    w = _loss_confidence_weights(one_hot)
+    w = confidence_weights(one_hot)
     assert torch.isfinite(w).all() and (w[:, 0] > 0.99).all()
 
 
@@ -123,12 +119,12 @@ def test_multi_teacher_kd_matches_explicit_loop(temperature):
     teachers = [torch.randn(4, 5, generator=g) * 2 for _ in range(3)]
     weights = torch.rand(4, 3, generator=g)
     weights = weights / weights.sum(-1, keepdim=True)
-    loss = _loss_multi_teacher_kd(s, teachers, weights, temperature)
+    loss = multi_teacher_kd_loss(s, teachers, weights, temperature)
     assert loss.dtype == torch.float32
     assert math.isclose(loss.item(), _ref_kd(s, teachers, weights, temperature), rel_tol=1e-5)
     # a stacked tensor is the same as the list; identical student and mixture give 0
-    assert torch.equal(_loss_multi_teacher_kd(s, torch.stack(teachers), weights, temperature), loss)
-    same = _loss_multi_teacher_kd(s, [s, s], torch.full((4, 2), 0.5), temperature)
+    assert torch.equal(multi_teacher_kd_loss(s, torch.stack(teachers), weights, temperature), loss)
+    same = multi_teacher_kd_loss(s, [s, s], torch.full((4, 2), 0.5), temperature)
     assert abs(same.item()) < 1e-6
 
 
@@ -138,7 +134,7 @@ def test_multi_teacher_kd_token_level_uses_the_mask():
     teachers = torch.randn(2, 2, 3, 5, generator=g)
     weights = torch.softmax(torch.randn(2, 3, 2, generator=g), -1)
     mask = torch.tensor([[True, True, False], [True, False, True]])
-    loss = _loss_multi_teacher_kd(s, teachers, weights, 2.0, mask=mask)
+    loss = multi_teacher_kd_loss(s, teachers, weights, 2.0, mask=mask)
     flat_w = weights[mask]
     expected = _ref_kd(s[mask], [teachers[0][mask], teachers[1][mask]], flat_w, 2.0)
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
@@ -248,7 +244,7 @@ def test_validation_logs_each_teacher_and_agreement_with_the_mixture(digits_dm, 
     with torch.no_grad():
         for x, y, _ in itertools.islice(digits_dm.val_dataloader(), 2):  # the batches validation used
             z = torch.stack([t(x) for t in module.teachers])
-            w = _loss_confidence_weights(z, 2.0)
+            w = confidence_weights(z, 2.0)
             mix = sum(w[:, m, None] * z[m].softmax(-1) for m in range(2)).argmax(-1)
             s = module.student.eval()(x).argmax(-1)
             hits["t0"] += int((z[0].argmax(-1) == y).sum())

@@ -12,9 +12,10 @@ from torch import nn
 
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.data import DigitsDataModule
+from lightning_distill.losses import mutual_loss
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 from lightning_distill.module import Batch
-from lightning_distill.strategies.mutual import MutualLearning, _loss_mutual
+from lightning_distill.strategies.mutual import MutualLearning
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,10 +79,10 @@ def test_peers_are_detached():
 
 def test_loss_function_needs_two_models():
     with pytest.raises(ValueError, match="at least two models"):
-        _loss_mutual([torch.zeros(2, 3)])
+        mutual_loss([torch.zeros(2, 3)])
     # one student and a teacher is plain KD
     s, t = torch.randn(4, 5), torch.randn(4, 5)
-    assert torch.allclose(_loss_mutual([s], 1.0, teacher_logits=t)[0], _kl(t, s, 1.0), rtol=1e-5)
+    assert torch.allclose(mutual_loss([s], 1.0, teacher_logits=t)[0], _kl(t, s, 1.0), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ construction
