@@ -28,8 +28,8 @@ def reciprocal_rank_fusion(signals: Sequence[Tensor], k: int = 60) -> Tensor:
     sample with the lowest value of signal m (ties broken by sample index). A higher score means
     an easier sample. Example::
 
-        >>> reciprocal_rank_fusion([torch.tensor([0.1, 0.5, 0.3])], k=0)
-        tensor([1.0000, 0.3333, 0.5000])
+        >>> reciprocal_rank_fusion([torch.tensor([0.1, 0.5, 0.3])], k=0).tolist()
+        [1.0, 0.3333333333333333, 0.5]
     """
     if not signals:
         raise ValueError("reciprocal_rank_fusion needs at least one signal.")
