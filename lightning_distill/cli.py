@@ -107,7 +107,8 @@ class DistillCLI(LightningCLI):
         if config.get("wandb"):
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(project=config.get("wandb_project"), save_dir=save_dir, name=name))
+            # absolute: wandb's background service may have been started in another working directory
+            loggers.append(WandbLogger(project=config.get("wandb_project"), save_dir=os.path.abspath(save_dir), name=name))
         return loggers
 
     # ------------------------------------------------------------------ after fit

@@ -375,7 +375,7 @@ def test_wandb_offline(tmp_path, monkeypatch):
         )
         loggers = cli.trainer.loggers
         assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]
-        assert loggers[1].save_dir == "runs/digits"
+        assert loggers[1].save_dir == str(tmp_path / "runs" / "digits")  # absolute, next to the CSV logs
         assert loggers[1].experiment.project == "ld-test"
     finally:
         wandb.finish()
