@@ -37,10 +37,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-__all__ = ["DistillCLI", "main"]
+__all__ = ["DistillCLI", "LogConfigCallback", "main"]
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml`` in the log dir *and* give it, nested, to every logger
+    as the run's hyperparameters (a W&B run's config, TensorBoard's hparams, CSV ``hparams.yaml``).
+
+    The modules' own ``hparams`` leave out their ``nn.Module`` arguments (student, teacher) and the
+    optimizer factories; the CLI config has all of them as ``class_path`` / ``init_args``.
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import yaml
+
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config.pop("config", None)  # the --config file paths
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
 
 
 class DistillCLI(LightningCLI):
@@ -52,6 +69,7 @@ class DistillCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", L.LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", LogConfigCallback)
         # modules configure their own optimizers (so a teacher can never end up in one)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)

@@ -86,3 +86,150 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------- figures for the notebooks
+# Drawn on a bare ``matplotlib.figure.Figure`` (no pyplot, no backend switch): the figure is returned,
+# so a notebook shows it inline, and it is saved as well when ``output`` is given.
+
+
+def _new_figure(figsize: tuple[float, float]):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=100)
+
+
+def _save(fig, output: Optional[Union[str, Path]]) -> None:
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output)
+
+
+def plot_accuracy_vs_temperature(
+    temperatures,
+    accuracies,
+    output: Optional[Union[str, Path]] = None,
+    stds=None,
+):
+    """Test accuracy against the distillation temperature (log2 x axis); error bars when ``stds`` is given.
+
+    Accuracies are fractions in [0, 1] and drawn in percent. Returns the ``Figure``; saves it when
+    ``output`` is given.
+
+    Raises:
+        ValueError: empty input, lengths that differ, or a temperature that is not > 0.
+    """
+    temperatures = [float(t) for t in temperatures]
+    accuracies = [float(a) for a in accuracies]
+    if not temperatures:
+        raise ValueError("plot_accuracy_vs_temperature needs at least one temperature.")
+    if len(accuracies) != len(temperatures):
+        raise ValueError(f"got {len(temperatures)} temperatures but {len(accuracies)} accuracies.")
+    if stds is not None:
+        stds = [float(s) for s in stds]
+        if len(stds) != len(temperatures):
+            raise ValueError(f"got {len(temperatures)} temperatures but {len(stds)} stds.")
+    if any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be > 0, got {temperatures!r}.")
+    order = sorted(range(len(temperatures)), key=temperatures.__getitem__)
+    ts = [temperatures[i] for i in order]
+    accs = [100.0 * accuracies[i] for i in order]
+    errs = None if stds is None else [100.0 * stds[i] for i in order]
+    fig = _new_figure((6, 3.6))
+    ax = fig.add_subplot()
+    ax.errorbar(ts, accs, yerr=errs, marker="o", color="tab:blue", capsize=4, label="KD student")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ts)
+    ax.set_xticklabels([f"{t:g}" for t in ts])
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Student test accuracy vs. distillation temperature", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, output)
+    return fig
+
+
+def plot_strategy_comparison(
+    names,
+    means,
+    stds,
+    output: Optional[Union[str, Path]] = None,
+    title: Optional[str] = None,
+):
+    """Horizontal bar chart of mean accuracy per strategy with ±std error bars (fractions, drawn in percent).
+
+    Returns the ``Figure``; saves it when ``output`` is given.
+
+    Raises:
+        ValueError: empty input or lengths that differ.
+    """
+    names = [str(n) for n in names]
+    means = [float(m) for m in means]
+    stds = [float(s) if s is not None and math.isfinite(float(s)) else 0.0 for s in stds]
+    if not names:
+        raise ValueError("plot_strategy_comparison needs at least one name.")
+    if not len(names) == len(means) == len(stds):
+        raise ValueError(f"names, means and stds must have the same length, got {len(names)}, {len(means)}, {len(stds)}.")
+    fig = _new_figure((7, 0.35 * len(names) + 1.4))
+    ax = fig.add_subplot()
+    positions = list(range(len(names)))[::-1]  # first name on top
+    ax.barh(positions, [100 * m for m in means], xerr=[100 * s for s in stds], color="tab:blue", alpha=0.75, capsize=3)
+    ax.set_yticks(positions)
+    ax.set_yticklabels(names, fontsize=8)
+    low = min(100 * (m - s) for m, s in zip(means, stds))
+    high = max(100 * (m + s) for m, s in zip(means, stds))
+    ax.set_xlim(max(0.0, low - 2.0), min(100.0, high + 1.0) if high < 100 else high + 0.5)
+    ax.set_xlabel("test accuracy (%), mean ± std")
+    ax.set_title(title or "Strategy comparison", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, output)
+    return fig
+
+
+CURRICULUM_KEYS = ("curriculum/stage", "curriculum/fraction", "curriculum/temperature")
+
+
+def plot_curriculum_timeline(metrics_csv: Union[str, Path], output: Optional[Union[str, Path]] = None):
+    """POCL's timeline from a ``metrics.csv``: stage, data fraction and temperature per epoch (one panel each).
+
+    Reads the ``curriculum/...`` values that :class:`~lightning_distill.callbacks.ProgressiveCurriculum`
+    logs once per epoch. Returns the ``Figure``; saves it when ``output`` is given.
+
+    Raises:
+        ValueError: the file has no ``curriculum/stage`` values (was the callback attached?).
+    """
+    per_epoch: dict[str, dict[int, float]] = {key: {} for key in CURRICULUM_KEYS}
+    with open(metrics_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("epoch") in ("", None):
+                continue
+            epoch = int(float(row["epoch"]))
+            for key in CURRICULUM_KEYS:
+                value = row.get(key)
+                if value not in ("", None) and math.isfinite(float(value)):
+                    per_epoch[key][epoch] = float(value)
+    if not per_epoch["curriculum/stage"]:
+        raise ValueError(f"{metrics_csv} has no curriculum/stage values; was ProgressiveCurriculum attached?")
+    fig = _new_figure((7, 5.4))
+    axes = fig.subplots(3, 1, sharex=True)
+    labels = {"curriculum/stage": "stage", "curriculum/fraction": "data fraction", "curriculum/temperature": "temperature"}
+    colors = {"curriculum/stage": "tab:purple", "curriculum/fraction": "tab:green", "curriculum/temperature": "tab:red"}
+    for ax, key in zip(axes, CURRICULUM_KEYS):
+        points = sorted(per_epoch[key].items())
+        if points:
+            epochs, values = zip(*points)
+            ax.step(epochs, values, where="post", marker="o", markersize=3, color=colors[key])
+        ax.set_ylabel(labels[key])
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(sorted({int(v) for v in per_epoch["curriculum/stage"].values()}))
+    axes[-1].set_xlabel("epoch")
+    axes[0].set_title(f"Progressive curriculum (POCL) timeline ({Path(metrics_csv).parent.name})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, output)
+    return fig
+
+
+__all__ += ["plot_accuracy_vs_temperature", "plot_curriculum_timeline", "plot_strategy_comparison"]
