@@ -43,3 +43,41 @@ def make_trainer(tmp_path):
         return L.Trainer(**defaults)
 
     return factory
+
+
+@pytest.fixture
+def resume_runs(tmp_path):
+    """``resume_runs(build, total_epochs, first_epochs, limit_train_batches=4, limit_val_batches=1, shuffle_seed=3)``.
+
+    Trains three fresh modules from ``build()`` on digits with a deterministic CPU Trainer: one straight
+    through ``total_epochs``, one stopped after ``first_epochs`` (writing ``last.ckpt``), and one resumed
+    from that checkpoint to ``total_epochs`` -- what a new process would do with ``--ckpt_path``.
+    Returns ``(straight, first, resumed, resumed_trainer)``.
+    """
+    from lightning_distill.data import DigitsDataModule
+
+    def run(build, total_epochs, first_epochs, limit_train_batches=4, limit_val_batches=1, shuffle_seed=3):
+        def trainer(root, max_epochs, **kwargs) -> L.Trainer:
+            return L.Trainer(
+                default_root_dir=root, accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
+                enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches, **kwargs,
+            )
+
+        straight = build()
+        trainer(tmp_path / "a", total_epochs, enable_checkpointing=False).fit(
+            straight, datamodule=DigitsDataModule(shuffle_seed=shuffle_seed)
+        )
+        first = build()
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer(tmp_path / "b", first_epochs, callbacks=[ckpt]).fit(
+            first, datamodule=DigitsDataModule(shuffle_seed=shuffle_seed)
+        )
+        resumed = build()
+        resumed_trainer = trainer(tmp_path / "c", total_epochs, enable_checkpointing=False)
+        resumed_trainer.fit(
+            resumed, datamodule=DigitsDataModule(shuffle_seed=shuffle_seed), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+        return straight, first, resumed, resumed_trainer
+
+    return run

@@ -316,24 +316,9 @@ def _resume_module() -> CRD:
     return _crd(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
 
 
-def _resume_trainer(root, max_epochs, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=root, accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        limit_train_batches=3, limit_val_batches=0, **kwargs,
-    )
-
-
-def test_resume_matches_uninterrupted_run(tmp_path):
+def test_resume_matches_uninterrupted_run(resume_runs):
     """Banks, Z and the negative sampler's state travel in the checkpoint: a resumed run is exact."""
-    straight = _resume_module()
-    _resume_trainer(tmp_path / "a", 2, enable_checkpointing=False).fit(straight, datamodule=DigitsDataModule(shuffle_seed=1))
-
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _resume_trainer(tmp_path / "b", 1, callbacks=[ckpt_cb]).fit(_resume_module(), datamodule=DigitsDataModule(shuffle_seed=1))
-    resumed = _resume_module()
-    trainer = _resume_trainer(tmp_path / "c", 2, enable_checkpointing=False)
-    trainer.fit(resumed, datamodule=DigitsDataModule(shuffle_seed=1), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    straight, _, resumed, trainer = resume_runs(_resume_module, 2, 1, limit_train_batches=3, limit_val_batches=0, shuffle_seed=1)
 
     assert trainer.global_step == 6
     for key, value in straight.state_dict().items():

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_distill.checkpoint import load_weights
-from lightning_distill.data import DigitsDataModule
 from lightning_distill.losses import confidence_weights, multi_teacher_kd_loss, teacher_mixture_log_probs
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 from lightning_distill.module import Batch
@@ -289,25 +288,8 @@ def _resume_module() -> MultiTeacherDistillation:
     )
 
 
-def _resume_trainer(root, max_epochs, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=root, accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        limit_train_batches=4, limit_val_batches=1, **kwargs,
-    )
-
-
-def test_resume_matches_uninterrupted_run(tmp_path):
-    straight = _resume_module()
-    _resume_trainer(tmp_path / "a", 2, enable_checkpointing=False).fit(straight, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    first = _resume_module()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _resume_trainer(tmp_path / "b", 1, callbacks=[ckpt_cb]).fit(first, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    resumed = _resume_module()
-    trainer = _resume_trainer(tmp_path / "c", 2, enable_checkpointing=False)
-    trainer.fit(resumed, datamodule=DigitsDataModule(shuffle_seed=3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+def test_resume_matches_uninterrupted_run(resume_runs):
+    straight, first, resumed, trainer = resume_runs(_resume_module, 2, 1)
 
     assert trainer.global_step == 8 and trainer.current_epoch == 2
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.05 * 0.5**2

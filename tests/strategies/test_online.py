@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 from lightning_distill.module import Batch
 from lightning_distill.strategies.online import OnlineDistillation
@@ -241,25 +240,8 @@ def _resume_module() -> OnlineDistillation:
     )
 
 
-def _resume_trainer(root, max_epochs, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=root, accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        limit_train_batches=4, limit_val_batches=1, **kwargs,
-    )
-
-
-def test_resume_matches_uninterrupted_run_including_ema(tmp_path):
-    straight = _resume_module()
-    _resume_trainer(tmp_path / "a", 2, enable_checkpointing=False).fit(straight, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    first = _resume_module()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _resume_trainer(tmp_path / "b", 1, callbacks=[ckpt_cb]).fit(first, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    resumed = _resume_module()
-    trainer = _resume_trainer(tmp_path / "c", 2, enable_checkpointing=False)
-    trainer.fit(resumed, datamodule=DigitsDataModule(shuffle_seed=3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+def test_resume_matches_uninterrupted_run_including_ema(resume_runs):
+    straight, first, resumed, trainer = resume_runs(_resume_module, 2, 1)
 
     assert trainer.global_step == 8 and trainer.current_epoch == 2
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.05 * 0.5**2

@@ -1,4 +1,7 @@
-"""Resuming from a mid-training checkpoint reproduces an uninterrupted run exactly (CPU, deterministic)."""
+"""Resuming KnowledgeDistillation from a mid-training checkpoint reproduces an uninterrupted run exactly.
+
+(Every other strategy has the same test in its own file, through the ``resume_runs`` fixture.)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import lightning as L
 import torch
 
 from lightning_distill import KnowledgeDistillation
-from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
 
 
@@ -19,25 +21,8 @@ def _module() -> KnowledgeDistillation:
     )
 
 
-def _trainer(root, max_epochs, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=root, accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        limit_train_batches=6, limit_val_batches=2, **kwargs,
-    )
-
-
-def test_resume_matches_uninterrupted_run(tmp_path):
-    straight = _module()
-    _trainer(tmp_path / "a", 4, enable_checkpointing=False).fit(straight, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    first = _module()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _trainer(tmp_path / "b", 2, callbacks=[ckpt_cb]).fit(first, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    resumed = _module()  # a fresh process would rebuild everything from the config
-    trainer = _trainer(tmp_path / "c", 4, enable_checkpointing=False)
-    trainer.fit(resumed, datamodule=DigitsDataModule(shuffle_seed=3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+def test_resume_matches_uninterrupted_run(resume_runs):
+    straight, first, resumed, trainer = resume_runs(_module, 4, 2, limit_train_batches=6, limit_val_batches=2)
 
     assert trainer.current_epoch == 4 and trainer.global_step == 24
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.05 * 0.5**4

@@ -345,25 +345,8 @@ def _resume_module() -> SelfDistillation:
     )
 
 
-def _resume_trainer(root, max_epochs, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=root, accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        limit_train_batches=3, limit_val_batches=1, **kwargs,
-    )
-
-
-def test_resume_matches_uninterrupted_run(tmp_path):
-    straight = _resume_module()
-    _resume_trainer(tmp_path / "a", 3, enable_checkpointing=False).fit(straight, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    first = _resume_module()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _resume_trainer(tmp_path / "b", 1, callbacks=[ckpt_cb]).fit(first, datamodule=DigitsDataModule(shuffle_seed=3))
-
-    resumed = _resume_module()
-    trainer = _resume_trainer(tmp_path / "c", 3, enable_checkpointing=False)
-    trainer.fit(resumed, datamodule=DigitsDataModule(shuffle_seed=3), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+def test_resume_matches_uninterrupted_run(resume_runs):
+    straight, first, resumed, trainer = resume_runs(_resume_module, 3, 1, limit_train_batches=3)
 
     assert trainer.current_epoch == 3 and trainer.global_step == 9
     assert straight.final_feature_source == resumed.final_feature_source == "input of 'head'"
