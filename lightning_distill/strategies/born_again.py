@@ -299,17 +299,25 @@ class BornAgain(DistillationModule):
         # configure_optimizers() again: a new optimizer (empty state) and a new scheduler (initial LR)
         trainer.strategy.setup_optimizers(trainer)
 
-    def generation_dir(self) -> str:
-        """Where ``generation_{k}.pt`` files go: the checkpoint directory, else ``trainer.log_dir``."""
+    def generation_dir(self) -> Optional[str]:
+        """Where ``generation_{k}.pt`` files go: the checkpoint directory, else the logger's run
+        directory; ``None`` (no files: the generations live in memory and in checkpoints) when the
+        Trainer has neither, so a bare ``Trainer(logger=False, enable_checkpointing=False)`` writes nothing."""
         trainer = self.trainer
         callback = trainer.checkpoint_callback
         dirpath = getattr(callback, "dirpath", None) if callback is not None else None
-        return str(dirpath) if dirpath else str(trainer.log_dir or trainer.default_root_dir)
+        if dirpath:
+            return str(dirpath)
+        if trainer.loggers:
+            return str(trainer.log_dir or trainer.default_root_dir)
+        return None
 
     def _save_generation_file(self, generation: int, module: nn.Module) -> None:
         if self._trainer is None:
             return
         directory = self.generation_dir()
+        if directory is None:
+            return
         path = os.path.join(directory, f"generation_{generation}.pt")
         if self.trainer.is_global_zero:
             os.makedirs(directory, exist_ok=True)

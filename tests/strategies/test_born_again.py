@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_distill.data import DigitsDataModule
@@ -94,7 +95,7 @@ def two_generations(tmp_path_factory):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
     )
     watcher = _Watcher(epochs_per_generation=2)
-    trainer = _trainer(root, 4, callbacks=[watcher])
+    trainer = _trainer(root, 4, callbacks=[watcher], logger=CSVLogger(root, name="", version=""))  # log_dir = root
     with pytest.warns(UserWarning, match="teacher submodule was in train mode"):
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=64, shuffle_seed=0))
     return module, trainer, watcher, root
@@ -181,7 +182,9 @@ def test_bane_accuracy_matches_an_independent_ensemble(tmp_path):
     L.seed_everything(0, verbose=False)
     module = BornAgain(DigitsMLP(hidden=8), generations=2, epochs_per_generation=1, seed=0)
     dm = DigitsDataModule(batch_size=32, shuffle_seed=0)
-    trainer = _trainer(tmp_path, 2, limit_val_batches=3, limit_test_batches=3)
+    trainer = _trainer(
+        tmp_path, 2, limit_val_batches=3, limit_test_batches=3, logger=CSVLogger(tmp_path, name="", version="")
+    )
     trainer.fit(module, datamodule=dm)
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -306,3 +309,15 @@ def test_bad_arguments_are_rejected():
         BornAgain(DigitsMLP(), kl="mse")
     with pytest.raises(ValueError, match=r"`seed` must be an integer >= 0 or None, got -1"):
         BornAgain(DigitsMLP(), seed=-1)
+
+
+def test_bare_trainer_writes_no_generation_files(tmp_path, monkeypatch):
+    """Without a logger or checkpoint callback there is no run directory: nothing lands in the cwd."""
+    monkeypatch.chdir(tmp_path)
+    module = BornAgain(DigitsMLP(hidden=8), generations=2, alpha=0.5, temperature=2.0)
+    L.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=2, limit_val_batches=1,
+    ).fit(module, datamodule=DigitsDataModule())
+    assert len(module.generation_models) == 1 and module.generation_paths == []
+    assert not list(tmp_path.rglob("generation_*.pt"))
