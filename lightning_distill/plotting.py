@@ -1,6 +1,7 @@
 """Figures made from a run's ``metrics.csv`` (matplotlib, installed with the ``dev`` extra).
 
     python -m lightning_distill.plotting temperature runs/digits/ctkd/version_0/metrics.csv docs/ctkd_temperature.png
+    python -m lightning_distill.plotting compare results/digits_features/runs.csv docs/feature_comparison.png
 
 draws the temperature a strategy used (``temperature/value`` or ``temperature/mean`` with its
 min-max band, logged by :class:`~lightning_distill.callbacks.TemperatureMonitor`) and CTKD's
@@ -12,10 +13,18 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["plot_temperature", "read_metrics"]
+__all__ = [
+    "plot_accuracy_vs_temperature",
+    "plot_curriculum_timeline",
+    "plot_strategy_comparison",
+    "plot_temperature",
+    "read_metrics",
+    "summarize_runs",
+]
 
 
 def read_metrics(path: Union[str, Path]) -> dict[str, list[tuple[int, float]]]:
@@ -35,16 +44,12 @@ def read_metrics(path: Union[str, Path]) -> dict[str, list[tuple[int, float]]]:
 
 def plot_temperature(metrics_csv: Union[str, Path], output: Union[str, Path], title: Optional[str] = None) -> Path:
     """Plot temperature (and lambda, when logged) over optimizer steps; return the image path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = read_metrics(metrics_csv)
     key = "temperature/value" if "temperature/value" in series else "temperature/mean"
     if key not in series:
         raise ValueError(f"{metrics_csv} has no temperature/value or temperature/mean column; was TemperatureMonitor attached?")
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    fig = _new_figure((7, 3.6), dpi=120)
+    ax = fig.add_subplot()
     steps, values = zip(*series[key])
     ax.plot(steps, values, color="tab:red", label="temperature τ" if key.endswith("value") else "mean τ")
     if key == "temperature/mean" and "temperature/min" in series and "temperature/max" in series:
@@ -69,23 +74,9 @@ def plot_temperature(metrics_csv: Union[str, Path], output: Union[str, Path], ti
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output)
-    plt.close(fig)
     return output
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_distill.plotting")
-    sub = parser.add_subparsers(dest="command", required=True)
-    temp = sub.add_parser("temperature", help="temperature and lambda over training, from a metrics.csv")
-    temp.add_argument("metrics_csv")
-    temp.add_argument("output")
-    temp.add_argument("--title", default=None)
-    args = parser.parse_args(argv)
-    print(plot_temperature(args.metrics_csv, args.output, args.title))
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------------- figures for the notebooks
@@ -93,10 +84,10 @@ if __name__ == "__main__":
 # so a notebook shows it inline, and it is saved as well when ``output`` is given.
 
 
-def _new_figure(figsize: tuple[float, float]):
+def _new_figure(figsize: tuple[float, float], dpi: int = 100):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize, dpi=100)
+    return Figure(figsize=figsize, dpi=dpi)
 
 
 def _save(fig, output: Optional[Union[str, Path]]) -> None:
@@ -226,10 +217,51 @@ def plot_curriculum_timeline(metrics_csv: Union[str, Path], output: Optional[Uni
         ax.grid(alpha=0.3)
     axes[0].set_yticks(sorted({int(v) for v in per_epoch["curriculum/stage"].values()}))
     axes[-1].set_xlabel("epoch")
-    axes[0].set_title(f"Progressive curriculum (POCL) timeline ({Path(metrics_csv).parent.name})", fontsize=10)
+    run = Path(metrics_csv).resolve().parent
+    label = f"{run.parent.name}/{run.name}" if run.name.startswith("version_") else run.name
+    axes[0].set_title(f"Progressive curriculum (POCL) timeline ({label})", fontsize=10)
     fig.tight_layout()
     _save(fig, output)
     return fig
 
 
-__all__ += ["plot_accuracy_vs_temperature", "plot_curriculum_timeline", "plot_strategy_comparison"]
+def summarize_runs(runs_csv: list[Union[str, Path]], best: bool = False) -> tuple[list[str], list[float], list[float]]:
+    """Mean and sample std of test accuracy per run name from ``runs.csv`` files, in order of appearance."""
+    column = "test_acc_best" if best else "test_acc_last"
+    values: dict[str, list[float]] = {}
+    for path in runs_csv:
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get(column):
+                    values.setdefault(row["name"], []).append(float(row[column]))
+    if not values:
+        raise ValueError(f"no {column} values in {list(map(str, runs_csv))}.")
+    names = list(values)
+    means = [sum(v) / len(v) for v in values.values()]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values.values()]
+    return names, means, stds
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_distill.plotting")
+    sub = parser.add_subparsers(dest="command", required=True)
+    temp = sub.add_parser("temperature", help="temperature and lambda over training, from a metrics.csv")
+    temp.add_argument("metrics_csv")
+    temp.add_argument("output")
+    temp.add_argument("--title", default=None)
+    cmp = sub.add_parser("compare", help="bar chart (mean ± std over seeds) from runs.csv files of `lightning-distill compare`")
+    cmp.add_argument("runs_csv", nargs="+", help="one or more runs.csv files")
+    cmp.add_argument("output", help="the PNG to write")
+    cmp.add_argument("--title", default=None)
+    cmp.add_argument("--best", action="store_true", help="use the best-validation-epoch accuracy instead of the last")
+    args = parser.parse_args(argv)
+    if args.command == "temperature":
+        print(plot_temperature(args.metrics_csv, args.output, args.title))
+        return
+    names, means, stds = summarize_runs(args.runs_csv, best=args.best)
+    plot_strategy_comparison(names, means, stds, output=args.output, title=args.title)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()

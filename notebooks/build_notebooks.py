@@ -45,7 +45,9 @@ FAST = os.environ.get("LD_NOTEBOOK_FAST") == "1"
 # quiet Lightning's informational messages and the "few dataloader workers" warnings
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=r".*(does not have many workers|GPU available|LeafSpec).*")
+warnings.filterwarnings(
+    "ignore", message=r".*(does not have many workers|GPU available|LeafSpec|smaller than the logging interval|IProgress).*"
+)
 
 WORKDIR = tempfile.mkdtemp(prefix="ld_notebook_")  # logs go here, never into the repository
 print("FAST mode:", FAST, "| logs under", WORKDIR)
@@ -54,12 +56,22 @@ print("FAST mode:", FAST, "| logs under", WORKDIR)
 TRAINER_HELPERS = '''
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_distill.data import DigitsDataModule
 
-def make_trainer(max_epochs, name=None, callbacks=None, **overrides):
-    """A quiet CPU Trainer; with `name`, a CSVLogger writes metrics.csv under WORKDIR/name."""
+
+def fresh_digits():
+    """A new DigitsDataModule. Create it *after* L.seed_everything: its training order is drawn
+    from the global seed when it is first set up (as the CLI does), so runs are reproducible."""
+    return DigitsDataModule(batch_size=64)
+
+
+def make_trainer(max_epochs, name=None, callbacks=None, fast_epochs=1, **overrides):
+    """A quiet CPU Trainer; with `name`, a CSVLogger writes metrics.csv under WORKDIR/name.
+
+    FAST mode: `fast_epochs` (1) epochs of 3 training batches and 1 validation batch."""
     settings = dict(max_epochs=max_epochs)
     if FAST:
-        settings = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+        settings = dict(max_epochs=fast_epochs, limit_train_batches=3, limit_val_batches=1)
     settings.update(overrides)
     logger = CSVLogger(WORKDIR, name=name) if name else False
     return L.Trainer(
@@ -103,7 +115,8 @@ Set `LD_NOTEBOOK_FAST=1` in the environment for a smoke run (1 epoch, 3 batches 
            "optimizer / scheduler factories of `configs/digits/kd.yaml`: Adam with lr 0.01 and cosine decay "
            "over all epochs. Strategies take them as callables, so only the student's parameters reach Adam."),
         code(TRAINER_HELPERS),
-        md("## The data and the zoo teacher\n`DigitsDataModule` needs no download. `load_weights` "
+        md("## The data and the zoo teacher\n`DigitsDataModule` needs no download (this instance is only "
+           "used to look at test images; each fit below gets a fresh one created after seeding). `load_weights` "
            "loads the shipped state dict (`zoo:digits_cnn`) strictly and safely (`weights_only=True`)."),
         code('''
 from lightning_distill.checkpoint import load_weights
@@ -132,8 +145,9 @@ from lightning_distill import Classifier
 L.seed_everything(SEED)
 baseline = Classifier(DigitsMLP(hidden=16), optimizer=adam(0.01), lr_scheduler=cosine(EPOCHS))
 baseline_trainer = make_trainer(EPOCHS, name="baseline")
-baseline_trainer.fit(baseline, datamodule=datamodule)
-baseline_test = baseline_trainer.test(baseline, datamodule=datamodule, verbose=False)[0]
+dm = fresh_digits()
+baseline_trainer.fit(baseline, datamodule=dm)
+baseline_test = baseline_trainer.test(baseline, datamodule=dm, verbose=False)[0]
 '''),
         md("## Knowledge distillation\nThe same student, same seed and budget, now also matching the "
            "teacher's softened outputs: loss = α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) · CE. "
@@ -147,8 +161,9 @@ kd = KnowledgeDistillation(
     temperature=2.0, alpha=0.9, optimizer=adam(0.01), lr_scheduler=cosine(EPOCHS),
 )
 kd_trainer = make_trainer(EPOCHS, name="kd")
-kd_trainer.fit(kd, datamodule=datamodule)
-kd_test = kd_trainer.test(kd, datamodule=datamodule, verbose=False)[0]
+dm = fresh_digits()
+kd_trainer.fit(kd, datamodule=dm)
+kd_test = kd_trainer.test(kd, datamodule=dm, verbose=False)[0]
 '''),
         md("## Test accuracy\nWeights after the last epoch, on the 359 held-out digits "
            "(the KD run also reports the teacher's accuracy and how often student and teacher agree)."),
@@ -163,8 +178,10 @@ for name, acc in rows:
     print(f"{name:38s} {100 * acc:6.2f}%")
 print(f"student/teacher top-1 agreement (KD): {100 * kd_test['test/agreement']:.2f}%")
 '''),
-        md("With one seed the gap between baseline and KD is within seed-to-seed noise on this small "
-           "dataset; `results/digits_kd/results.md` has the 3-seed numbers "
+        md("Runs are reproducible: with seed 0 the committed run above gets the same numbers as the CLI "
+           "(`lightning-distill fit --config configs/digits/kd.yaml`: 95.82 %; `baseline.yaml`: 95.54 %). "
+           "With one seed the gap between baseline and KD is within seed-to-seed noise on this small "
+           "dataset (one test digit is 0.28 %); `results/digits_kd/results.md` has the 3-seed numbers "
            "(96.01 ± 0.43 % baseline vs 96.10 ± 0.28 % KD)."),
         md("## Validation accuracy per epoch\nRead back from each run's `CSVLogger` `metrics.csv` with "
            "`lightning_distill.plotting.read_metrics` (validation runs once per epoch)."),
@@ -288,38 +305,52 @@ for T in TEMPERATURES:
 ## Temperature sweep
 
 One `KnowledgeDistillation` student (`DigitsMLP(hidden=16)`, α = 0.9, Adam 0.01 + cosine) per
-temperature, **15 epochs** each (half the 30 of `configs/digits/kd.yaml`, to keep the notebook at a few
-minutes on 2 CPU cores) and **a single seed** (0): differences of a few tenths of a percent are within
-seed-to-seed noise here (the 3-seed spread of KD at T = 2 in `results/digits_kd` is ± 0.28 %).
-Accuracy is measured on the 359 test digits with the weights after the last epoch.
+temperature and seed, with the full budget of `configs/digits/kd.yaml` (**30 epochs**) and **3 seeds**
+(0, 1, 2): 15 fits, about a minute on 2 CPU cores. Accuracy is measured on the 359 test digits with the
+weights after the last epoch; the plot shows mean ± sample std over the seeds. On 359 test digits one
+sample is 0.28 %, so differences of a few tenths of a percent are noise.
 """),
         code('''
 from lightning_distill import KnowledgeDistillation
 
-SWEEP = [1.0, 4.0] if FAST else TEMPERATURES
-EPOCHS = 1 if FAST else 15
-SEED = 0
+import statistics
 
-accuracies = []
+SWEEP = [1.0, 4.0] if FAST else TEMPERATURES
+SEEDS = [0] if FAST else [0, 1, 2]
+EPOCHS = 1 if FAST else 30
+
+results = {}  # temperature -> test accuracy per seed
 for T in SWEEP:
-    L.seed_everything(SEED)
-    module = KnowledgeDistillation(
-        DigitsMLP(hidden=16), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
-        temperature=T, alpha=0.9, optimizer=adam(0.01), lr_scheduler=cosine(EPOCHS),
-    )
-    trainer = make_trainer(EPOCHS)
-    trainer.fit(module, datamodule=datamodule)
-    acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
-    accuracies.append(acc)
-    print(f"T = {T:4g}: test accuracy {100 * acc:.2f}%")
+    for seed in SEEDS:
+        L.seed_everything(seed)
+        module = KnowledgeDistillation(
+            DigitsMLP(hidden=16), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
+            temperature=T, alpha=0.9, optimizer=adam(0.01), lr_scheduler=cosine(EPOCHS),
+        )
+        trainer = make_trainer(EPOCHS)
+        dm = fresh_digits()
+        trainer.fit(module, datamodule=dm)
+        results.setdefault(T, []).append(trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"])
+    accs = results[T]
+    print(f"T = {T:4g}: test accuracy per seed {[round(100 * a, 2) for a in accs]}, mean {100 * statistics.fmean(accs):.2f}%")
+
+accuracies = [statistics.fmean(results[T]) for T in SWEEP]
+stds = [statistics.stdev(results[T]) if len(results[T]) > 1 else 0.0 for T in SWEEP]
 '''),
         md("`plot_accuracy_vs_temperature` (in `lightning_distill.plotting`) draws the sweep on a log₂ axis; "
            "it returns the figure (shown below) and saves it when given `output=`."),
         code('''
 from lightning_distill.plotting import plot_accuracy_vs_temperature
 
-plot_accuracy_vs_temperature(SWEEP, accuracies)
+plot_accuracy_vs_temperature(SWEEP, accuracies, stds=stds)
 '''),
+        md("""
+In the committed (non-FAST) run, low temperatures work best for this 1.2k-parameter student with α = 0.9:
+T = 1 and T = 2 give 96.0–96.1 %, and accuracy falls slowly from T = 4 on (about 94.8 % at T = 16), with
+seed-to-seed spreads of 0.3–1.3 %. At high T the teacher's targets approach the uniform distribution
+(mean entropy 2.27 of at most 2.30 nats at T = 16) and carry little class information. The T = 2 seeds
+reproduce the CLI quickstart exactly (95.82 / 96.38 / 96.10 %).
+"""),
     ]
     return cells
 
@@ -347,19 +378,20 @@ Set `LD_NOTEBOOK_FAST=1` for a smoke run (1 epoch, 3 batches per fit).
         md("`quick_fit` trains a module for 2 epochs of 5 batches (FAST: 1 epoch of 3) and returns its test "
            "accuracy on the 359 test digits."),
         code('''
-from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 
-datamodule = DigitsDataModule(batch_size=64)
 SHORT = dict(max_epochs=2, limit_train_batches=5)
 short_accuracy = {}
 
 
-def quick_fit(name, module, max_epochs=SHORT["max_epochs"]):
+def quick_fit(name, module, **trainer_overrides):
     L.seed_everything(0)
-    trainer = make_trainer(max_epochs, limit_train_batches=3 if FAST else SHORT["limit_train_batches"])
-    trainer.fit(module, datamodule=datamodule)
-    acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    limit = 3 if FAST else SHORT["limit_train_batches"]
+    settings = {**SHORT, "limit_train_batches": limit, **trainer_overrides}
+    trainer = make_trainer(**settings)
+    dm = fresh_digits()
+    trainer.fit(module, datamodule=dm)
+    acc = trainer.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
     short_accuracy[name] = acc
     print(f"{name}: test accuracy after the short fit {100 * acc:.2f}%")
 '''),
@@ -367,12 +399,14 @@ def quick_fit(name, module, max_epochs=SHORT["max_epochs"]):
         code('''
 from lightning_distill import Classifier
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("Classifier (baseline)", Classifier(DigitsMLP(hidden=16), optimizer=adam(0.01), lr_scheduler=cosine(30)))
 '''),
         md("### `KnowledgeDistillation` — Hinton et al. 2015 (`kd.yaml`)"),
         code('''
 from lightning_distill import KnowledgeDistillation
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("KnowledgeDistillation", KnowledgeDistillation(
     DigitsMLP(hidden=16), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
     temperature=2.0, alpha=0.9, optimizer=adam(0.01), lr_scheduler=cosine(30),
@@ -384,6 +418,7 @@ quick_fit("KnowledgeDistillation", KnowledgeDistillation(
         code('''
 from lightning_distill import FeatureDistillation
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("FeatureDistillation (FitNets)", FeatureDistillation(
     DigitsStudentCNN(width=8), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
     layer_map={"block2": "block1"}, feature_loss="mse", feature_weight=100.0, projection="auto",
@@ -394,6 +429,7 @@ quick_fit("FeatureDistillation (FitNets)", FeatureDistillation(
         code('''
 from lightning_distill import CRD
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("CRD", CRD(
     DigitsStudentCNN(width=8), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
     student_layer="block2", teacher_layer="block3", feat_dim=64, num_negatives=512,
@@ -405,6 +441,7 @@ quick_fit("CRD", CRD(
         code('''
 from lightning_distill import CTKD
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("CTKD", CTKD(
     DigitsMLP(hidden=16), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
     temperature_mode="global", t_start=1.0, t_range=20.0, init_temperature=2.0,
@@ -417,6 +454,7 @@ quick_fit("CTKD", CTKD(
         code('''
 from lightning_distill import SelfDistillation
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("SelfDistillation", SelfDistillation(
     DigitsCNN(), exit_layers=["block1", "block2"], final_feature_layer="block3",
     temperature=3.0, alpha=0.3, feature_weight=0.03, bottleneck_channels=32, exit_threshold=0.9,
@@ -425,20 +463,22 @@ quick_fit("SelfDistillation", SelfDistillation(
 '''),
         md("### `BornAgain` — Born-Again Networks (`born_again.yaml`)\n`max_epochs` must equal "
            "generations × epochs_per_generation (3 × 10 in the config); here 3 generations of **1 epoch** each, "
-           "so this short fit has 3 epochs."),
+           "so this short fit has 3 epochs (also in FAST mode)."),
         code('''
 from lightning_distill import BornAgain
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("BornAgain", BornAgain(
     DigitsMLP(hidden=16), generations=3, epochs_per_generation=1, temperature=2.0, alpha=0.5,
     optimizer=adam(0.01), lr_scheduler=cosine(1),
-), max_epochs=3)
+), max_epochs=3, fast_epochs=3)
 '''),
         md("### `MutualLearning` — Deep Mutual Learning (`mutual.yaml`)\nTwo students teach each other; "
            "no pretrained teacher."),
         code('''
 from lightning_distill import MutualLearning
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("MutualLearning", MutualLearning(
     DigitsMLP(hidden=16), num_students=2, temperature=1.0, alpha=0.5,
     optimizer=adam(0.01), lr_scheduler=cosine(30),
@@ -448,6 +488,7 @@ quick_fit("MutualLearning", MutualLearning(
         code('''
 from lightning_distill import OnlineDistillation
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("OnlineDistillation", OnlineDistillation(
     DigitsMLP(hidden=16), DigitsCNN(), ema_decay=0.99, temperature=3.0, alpha=0.7,
     teacher_loss_weight=1.0, optimizer=adam(0.005), lr_scheduler=cosine(30),
@@ -458,6 +499,7 @@ quick_fit("OnlineDistillation", OnlineDistillation(
         code('''
 from lightning_distill import MultiTeacherDistillation
 
+L.seed_everything(0)  # the same initial weights on every run
 quick_fit("MultiTeacherDistillation", MultiTeacherDistillation(
     DigitsMLP(hidden=16), [DigitsCNN(), DigitsCNN()], teacher_checkpoints=["zoo:digits_cnn", "zoo:digits_cnn"],
     weighting="confidence", gate_hidden=32, temperature=2.0, alpha=0.9,
@@ -465,7 +507,7 @@ quick_fit("MultiTeacherDistillation", MultiTeacherDistillation(
 ))
 '''),
         code('''
-print("test accuracy after the short fits (not a comparison: 10 optimizer steps at most)")
+print("test accuracy after the short fits (not a comparison: 10 optimizer steps, 15 for BornAgain)")
 for name, acc in short_accuracy.items():
     print(f"  {name:32s} {100 * acc:6.2f}%")
 '''),
@@ -526,8 +568,8 @@ plot_strategy_comparison(
 
 CTKD learns the temperature with a gradient-reversal layer whose strength λ rises over the first
 `lambda_epochs`. If the full run's log `results/digits_ctkd/runs/ctkd/seed0/metrics.csv` is present
-(it is not committed by default) it is plotted; otherwise — and always in FAST mode — a short CTKD run
-(12 epochs, λ ramped over 10) logs the temperature every optimizer step with
+(it is not committed by default) it is plotted; otherwise — and always in FAST mode — a CTKD run with
+the `ctkd.yaml` settings (30 epochs, λ ramped over the first 10, seed 0) logs the temperature every optimizer step with
 `TemperatureMonitor(logging_interval=1)`, and that run's `metrics.csv` is plotted with
 `lightning_distill.plotting.plot_temperature`.
 """),
@@ -542,7 +584,7 @@ if committed.is_file() and not FAST:
     ctkd_metrics = committed
     print("plotting the committed run", committed.relative_to(ROOT))
 else:
-    CTKD_EPOCHS = 12
+    CTKD_EPOCHS = 30
     L.seed_everything(0)
     ctkd = CTKD(
         DigitsMLP(hidden=16), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
@@ -551,9 +593,9 @@ else:
         alpha=0.9, optimizer=adam(0.01), lr_scheduler=cosine(CTKD_EPOCHS),
     )
     trainer = make_trainer(CTKD_EPOCHS, name="ctkd", callbacks=[TemperatureMonitor(logging_interval=1)])
-    trainer.fit(ctkd, datamodule=datamodule)
+    trainer.fit(ctkd, datamodule=fresh_digits())
     ctkd_metrics = Path(trainer.logger.log_dir) / "metrics.csv"
-    print(f"short CTKD run: final temperature {ctkd.temperature:.3f}")
+    print(f"CTKD run: final temperature {ctkd.temperature:.3f}")
 '''),
         md("`plot_temperature` writes a PNG (it uses matplotlib's non-interactive backend); we display the file "
            "and switch the notebook back to inline plotting."),
@@ -569,13 +611,14 @@ display(Image(filename=str(png)))
 (teacher and student losses fused by reciprocal rank fusion), then trains on the easiest third, two
 thirds, then all of the data, raising the temperature and KD weight at each stage. With
 `stage_ends=[0.4, 0.7]` the stages end after 40 % and 70 % of the epochs. The student is the
-`pocl.yaml` one: KD with `DigitsMLP(hidden=16)`, its temperature and α set by the callback. 10 epochs here
-(30 in the config); the FAST run has a single epoch, so it shows stage 1 only.
+`pocl.yaml` one: KD with `DigitsMLP(hidden=16)`, its temperature and α set by the callback, 30 epochs
+(seed 0); the FAST run has a single epoch, so it shows stage 1 only. The committed 3-seed result for this
+config is 91.92 ± 0.48 % (`results/digits_ctkd`): on digits the curriculum does not help this student.
 """),
         code('''
 from lightning_distill.callbacks import ProgressiveCurriculum
 
-POCL_EPOCHS = 10
+POCL_EPOCHS = 30
 L.seed_everything(0)
 pocl = KnowledgeDistillation(
     DigitsMLP(hidden=16), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
@@ -585,9 +628,10 @@ curriculum = ProgressiveCurriculum(
     stage_ends=[0.4, 0.7], alphas=[0.1, 0.3, 0.5], temperatures=[1.0, 1.5, 2.0], progress_bar=False,
 )
 trainer = make_trainer(POCL_EPOCHS, name="pocl", callbacks=[curriculum])
-trainer.fit(pocl, datamodule=datamodule)
+dm = fresh_digits()
+trainer.fit(pocl, datamodule=dm)
 pocl_metrics = Path(trainer.logger.log_dir) / "metrics.csv"
-print(f"POCL student: test accuracy {100 * trainer.test(pocl, datamodule=datamodule, verbose=False)[0]['test/acc']:.2f}%")
+print(f"POCL student: test accuracy {100 * trainer.test(pocl, datamodule=dm, verbose=False)[0]['test/acc']:.2f}%")
 '''),
         md("`plot_curriculum_timeline` (in `lightning_distill.plotting`) reads the `curriculum/...` values "
            "logged once per epoch."),

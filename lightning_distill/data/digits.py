@@ -30,7 +30,8 @@ class DigitsDataModule(L.LightningDataModule):
         split_seed: seed of the stratified split (keep it fixed to compare runs).
         shuffle_seed: seed of the training order; ``None`` takes the global seed at setup time
             (``seed_everything`` / the CLI's ``seed_everything``), so runs with different seeds
-            also see different orders.
+            also see different orders. Call ``seed_everything`` before the first ``fit`` (or
+            ``setup``), and build a new datamodule per seed: the order is fixed at the first setup.
         num_workers: DataLoader workers; 0 is fastest for this in-memory dataset.
 
     Example::
