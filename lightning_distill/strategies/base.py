@@ -89,7 +89,9 @@ class DistillationModule(TrainingModule):
             raise ValueError("`teacher` and `student` are the same module object; pass two separate modules.")
         if teacher_checkpoint is not None and teacher is None:
             raise ValueError("`teacher_checkpoint` was given but `teacher` is None: pass the teacher architecture too.")
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "lr_scheduler"])
+        # modules and factories stay out of hparams (checkpoints must load with weights_only=True);
+        # `students` / `teachers` are the list arguments of MutualLearning / MultiTeacherDistillation
+        self.save_hyperparameters(ignore=["student", "students", "teacher", "teachers", "optimizer", "lr_scheduler"])
         self.student = student
         self.teacher = teacher
         self.teacher_checkpoint = teacher_checkpoint

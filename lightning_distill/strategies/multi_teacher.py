@@ -194,9 +194,6 @@ class MultiTeacherDistillation(DistillationModule):
             if path is not None:
                 load_weights(teachers[m], path, argument=f"teacher_checkpoints[{m}]")
         super().__init__(student, TeacherEnsemble(teachers), **kwargs)
-        # the base stored every init argument as a hyperparameter; the teacher modules must not be
-        # (they would be pickled into checkpoints): drop them like the base drops `teacher`
-        self.save_hyperparameters(ignore=["student", "teachers", "teacher_checkpoint", "optimizer", "lr_scheduler"])
         self.teacher_checkpoints = list(teacher_checkpoints) if teacher_checkpoints is not None else None
         self.weighting = weighting
         self.temperature = checked_temperature

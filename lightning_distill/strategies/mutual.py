@@ -123,8 +123,6 @@ class MutualLearning(DistillationModule):
         if teacher is not None and any(teacher is m for m in models):
             raise ValueError("`teacher` is also one of the students; pass a separate module.")
         super().__init__(models[0], teacher, teacher_checkpoint=teacher_checkpoint, **kwargs)
-        # the base class recorded `students` (modules) as a hyperparameter: record again without it
-        self.save_hyperparameters(ignore=["student", "students", "teacher", "optimizer", "lr_scheduler"])
         self.students = nn.ModuleList(models)
         self.temperature = self_temperature
         self.alpha = self_alpha
