@@ -81,3 +81,31 @@ def resume_runs(tmp_path):
         return straight, first, resumed, resumed_trainer
 
     return run
+
+
+@pytest.fixture
+def restore_global_state():
+    """Undo what a Trainer / the CLI changes process-wide (use with ``pytest.mark.usefixtures``)."""
+    from _state import IsolatedState
+
+    with IsolatedState():
+        yield
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models and tensors: intra-op threads only add overhead on a shared 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def seeded():
+    """``torch.manual_seed(0)`` before the test."""
+    import torch
+
+    torch.manual_seed(0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _state import IsolatedState
 from torch import Tensor, nn
 
 from lightning_distill import Classifier, KnowledgeDistillation
@@ -28,38 +29,13 @@ from lightning_distill.models import DigitsCNN, DigitsMLP
 from lightning_distill.strategies import DistillationModule
 from lightning_distill.zoo import ZOO_DIR, available, resolve
 
+pytestmark = pytest.mark.usefixtures("restore_global_state")
+
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_CONFIG = REPO / "configs" / "digits" / "teacher.yaml"
 
 
 # ---------------------------------------------------------------------------------- helpers
-class _isolated:
-    """Restore the process state a Trainer / the CLI changes globally (env vars, determinism, threads)."""
-
-    def __enter__(self) -> "_isolated":
-        self.env = dict(os.environ)
-        self.deterministic = torch.are_deterministic_algorithms_enabled()
-        self.threads = torch.get_num_threads()
-        self.cwd = os.getcwd()
-        self.argv = sys.argv
-        sys.argv = sys.argv[:1]  # LightningCLI(args=...) warns about pytest's own argv otherwise
-        torch.set_num_threads(1)  # 2 cores shared by the whole suite: one intra-op thread is much faster
-        os.environ["WANDB_MODE"] = "offline"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.chdir(self.cwd)
-        sys.argv = self.argv
-        os.environ.clear()
-        os.environ.update(self.env)
-        torch.use_deterministic_algorithms(self.deterministic)
-        torch.set_num_threads(self.threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_state():
-    with _isolated():
-        yield
 
 
 def _trainer(root: Path, **kwargs) -> L.Trainer:
@@ -110,7 +86,7 @@ def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def classifier_ckpt(tmp_path_factory) -> Path:
     """A real Lightning checkpoint of a ``Classifier(DigitsCNN())`` run (1 epoch, 2 batches)."""
     root = tmp_path_factory.mktemp("classifier")
-    with _isolated():
+    with IsolatedState():
         L.seed_everything(0)
         module = Classifier(DigitsCNN(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
         trainer = _trainer(root)
@@ -124,7 +100,7 @@ def classifier_ckpt(tmp_path_factory) -> Path:
 def kd_ckpts(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of one short ``KnowledgeDistillation`` run, without and with the teacher saved."""
     root = tmp_path_factory.mktemp("kd")
-    with _isolated():
+    with IsolatedState():
         L.seed_everything(0)
         module = KnowledgeDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn")
         trainer = _trainer(root)
@@ -141,7 +117,7 @@ def kd_ckpts(tmp_path_factory) -> dict[str, Path]:
 def cli_classifier_ckpt(tmp_path_factory) -> Path:
     """``last.ckpt`` of ``lightning-distill fit --config configs/digits/teacher.yaml`` (shortened)."""
     root = tmp_path_factory.mktemp("cli_teacher")
-    with _isolated():
+    with IsolatedState():
         os.chdir(root)  # the config's CSVLogger writes under the relative runs/digits
         DistillCLI(
             args=[

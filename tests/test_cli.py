@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from _state import IsolatedState
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
@@ -29,6 +30,8 @@ from lightning_distill.cli import DistillCLI, format_test_summary
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP
 from lightning_distill.zoo import resolve
+
+pytestmark = pytest.mark.usefixtures("restore_global_state")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -51,42 +54,10 @@ QUICK = [
 
 
 # ---------------------------------------------------------------------------------- helpers
-class _isolated:
-    """Restore the process state the CLI changes globally (cwd, argv, env vars, determinism, threads)."""
-
-    def __init__(self, cwd: Path | None = None) -> None:
-        self.target = cwd
-
-    def __enter__(self) -> "_isolated":
-        self.env = dict(os.environ)
-        self.deterministic = torch.are_deterministic_algorithms_enabled()
-        self.threads = torch.get_num_threads()
-        self.cwd = os.getcwd()
-        self.argv = sys.argv
-        sys.argv = sys.argv[:1]  # LightningCLI(args=...) warns about pytest's own argv otherwise
-        torch.set_num_threads(1)  # 2 cores shared by the whole suite: one intra-op thread is much faster
-        os.environ["WANDB_MODE"] = "offline"
-        if self.target is not None:
-            os.chdir(self.target)  # the configs' CSVLogger writes under a relative runs/...
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.chdir(self.cwd)
-        sys.argv = self.argv
-        os.environ.clear()
-        os.environ.update(self.env)
-        torch.use_deterministic_algorithms(self.deterministic)
-        torch.set_num_threads(self.threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_state():
-    with _isolated():
-        yield
 
 
 def _cli(cwd: Path, subcommand: str, *args: str, config: Path = KD_CONFIG) -> DistillCLI:
-    with _isolated(cwd):
+    with IsolatedState(cwd):
         os.chdir(cwd)
         return DistillCLI(
             args=[subcommand, "--config", str(config), "--trainer.default_root_dir", str(cwd), *QUICK, *args]

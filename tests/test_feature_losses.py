@@ -31,14 +31,7 @@ from lightning_distill.losses import (
     similarity_preserving_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:

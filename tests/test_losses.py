@@ -18,17 +18,10 @@ from hypothesis import strategies as st
 
 from lightning_distill.losses import KL_MODES, check_temperature, kd_loss, kl_per_position
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MODES = ("forward", "reverse", "symmetric", "js")
 LOG2 = math.log(2.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (and thrash on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,21 +29,10 @@ from lightning_distill.callbacks.curriculum import reciprocal_rank_fusion
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP
 
+pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
+
 N = 1079
 STAGE_SIZES = (360, 720, 1079)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def _kd(lr: float | None = None, **kwargs) -> KnowledgeDistillation:

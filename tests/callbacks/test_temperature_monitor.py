@@ -24,18 +24,7 @@ from lightning_distill.callbacks import TemperatureMonitor
 from lightning_distill.callbacks.temperature import used_temperature
 from lightning_distill.models import DigitsCNN, DigitsMLP
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 
 
 class _Recorder(L.Callback):

@@ -34,21 +34,9 @@ from lightning_distill.strategies.ctkd import (
     grad_reverse,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
+
 SIGMA_1 = 1.0 / (1.0 + math.exp(-1.0))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add overhead on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
 from lightning_distill.module import Batch
 from lightning_distill.strategies.self_distillation import SelfDistillation, early_exit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny convolutions: intra-op threads only add overhead."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _module(student: nn.Module | None = None, **kwargs) -> SelfDistillation:
