@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "KL_MODES",
+    "check_skew",
     "attention_map",
     "attention_transfer_loss",
     "check_temperature",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 #: Divergences accepted by :func:`kd_loss` (``kl=``).
-KL_MODES = ("forward", "reverse", "symmetric", "js")
+KL_MODES = ("forward", "reverse", "symmetric", "js", "skew_forward", "skew_reverse")
 
 Reduction = Literal["batchmean", "sum", "none"]
 _REDUCTIONS = ("batchmean", "sum", "none")
@@ -98,11 +99,22 @@ def _temperature_tensor(temperature: Union[float, Tensor], logits: Tensor) -> Te
     return t
 
 
+def check_skew(value: float) -> float:
+    """Validate the skew coefficient of ``kl="skew_forward"`` / ``"skew_reverse"``: in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"`skew` must be in [0, 1) (the share of the target distribution mixed into the other one; "
+            f"0 gives the plain KL, DistiLLM uses 0.1), got {value!r}."
+        )
+    return float(value)
+
+
 def kl_per_position(
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: Union[float, Tensor] = 1.0,
     kl: str = "forward",
+    skew: float = 0.1,
 ) -> Tensor:
     """Divergence between softened teacher and student distributions at every position.
 
@@ -111,6 +123,7 @@ def kl_per_position(
     """
     if kl not in KL_MODES:
         raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+    check_skew(skew)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student and teacher logits must have the same shape, got "
@@ -129,6 +142,12 @@ def kl_per_position(
             return _kl_logspace(log_p_s, log_p_t)
         if kl == "symmetric":  # mean of both directions, same scale as either one
             return 0.5 * (_kl_logspace(log_p_t, log_p_s) + _kl_logspace(log_p_s, log_p_t))
+        if kl in ("skew_forward", "skew_reverse"):  # DistiLLM: KL(p || a p + (1 - a) q)
+            p, q = (log_p_t, log_p_s) if kl == "skew_forward" else (log_p_s, log_p_t)
+            if skew == 0.0:
+                return _kl_logspace(p, q)
+            log_mix = torch.logaddexp(p + math.log(skew), q + math.log1p(-skew))
+            return _kl_logspace(p, log_mix)
         # Jensen-Shannon: 1/2 KL(p_T || m) + 1/2 KL(p_S || m), m = (p_T + p_S) / 2
         log_m = torch.logaddexp(log_p_t, log_p_s) - math.log(2.0)
         return 0.5 * (_kl_logspace(log_p_t, log_m) + _kl_logspace(log_p_s, log_m))
@@ -152,6 +171,7 @@ def kd_loss(
     kl: str = "forward",
     mask: Optional[Tensor] = None,
     reduction: Reduction = "batchmean",
+    skew: float = 0.1,
 ) -> Tensor:
     r"""Hinton et al. (2015) knowledge-distillation loss, "Distilling the Knowledge in a Neural Network".
 
@@ -170,6 +190,12 @@ def kd_loss(
       directions (half of Jeffreys' divergence), so it lives on the same scale as either one
     * ``"js"``: Jensen-Shannon, :math:`\tfrac12 KL(p_T \| m) + \tfrac12 KL(p_S \| m)`,
       :math:`m = \tfrac12 (p_T + p_S)` (bounded by :math:`\log 2`)
+    * ``"skew_forward"``: skew KL :math:`KL(p_T \| a\, p_T + (1-a)\, p_S)` and
+      ``"skew_reverse"``: skew reverse KL :math:`KL(p_S \| a\, p_S + (1-a)\, p_T)`, with
+      :math:`a` = ``skew`` (DistiLLM, Ko et al. 2024, arXiv:2402.03898; their default
+      :math:`a = 0.1`). Mixing a share of the first distribution into the second keeps the
+      divergence bounded by :math:`-\log a` where the student puts almost no mass (stable
+      gradients for large vocabularies); ``skew=0`` gives back the plain direction.
 
     Args:
         student_logits: ``[N, C]`` or ``[N, L, C]`` raw student scores (any float dtype).
@@ -184,6 +210,7 @@ def kd_loss(
         reduction: ``"batchmean"`` (default, see above), ``"sum"`` (sum over valid positions)
             or ``"none"`` (per-position values ``[N]`` / ``[N, L]``, already scaled by ``T**2``,
             masked positions set to 0).
+        skew: the mixing share :math:`a \in [0, 1)` of the skew divergences (ignored by the others).
 
     Returns:
         A float32 tensor (float64 for float64 logits): scalar, or per-position for
@@ -228,7 +255,7 @@ def kd_loss(
         s_logits = torch.where(keep, s_logits, torch.zeros((), dtype=s_logits.dtype, device=s_logits.device))
         t_logits = torch.where(keep, t_logits, torch.zeros((), dtype=t_logits.dtype, device=t_logits.device))
 
-    per_pos = kl_per_position(s_logits, t_logits, temperature, kl)
+    per_pos = kl_per_position(s_logits, t_logits, temperature, kl, skew)
     t = _temperature_tensor(temperature, s_logits).to(per_pos.dtype)
     per_pos = per_pos * t.squeeze(-1) ** 2 if t.ndim else per_pos * t**2
     if valid is not None:

@@ -15,7 +15,8 @@
 
   and from Python: ``optimizer=functools.partial(torch.optim.SGD, lr=0.05)``;
 * validation / test metrics from torchmetrics (``val/acc``, ``val/acc_top5`` when there are more
-  than 5 classes, ``val/ece``, ``val/loss``) and a shape probe before training.
+  than 5 classes, ``val/ece``, ``val/loss``; ``val/perplexity`` for token-level logits
+  ``[N, L, V]``, where accuracy and agreement are per valid token) and a shape probe before training.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class TrainingModule(L.LightningModule):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.eval_metrics: Optional[nn.ModuleDict] = None
+        self.token_level = False  # set by the probe: logits [N, L, V] (language models)
 
     # ------------------------------------------------------------------ batches and losses
     unpack_batch = staticmethod(unpack_batch)
@@ -250,8 +252,17 @@ class TrainingModule(L.LightningModule):
         """Check the probed output shapes; return the number of classes. Extend in subclasses."""
         n_out = int(output.shape[-1])
         trained = getattr(self, "student", None) or getattr(self, "model", None)
+        self.token_level = output.ndim == 3
         if teacher_output is not None:
             n_teacher = int(teacher_output.shape[-1])
+            if n_teacher != n_out and self.token_level:
+                raise ValueError(
+                    f"teacher and student have different vocabulary sizes: the teacher "
+                    f"({type(self.teacher).__name__}) outputs {n_teacher} logits per token, the student "
+                    f"({type(trained).__name__}) outputs {n_out}. Token-level distillation compares the "
+                    "two distributions token by token, so both must use the same tokenizer: build both "
+                    "with the same vocab_size (init_args.vocab_size in YAML)."
+                )
             if n_teacher != n_out:
                 raise ValueError(
                     f"teacher and student disagree on the number of classes: the teacher "
@@ -272,6 +283,9 @@ class TrainingModule(L.LightningModule):
                 "ece": torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
                 "loss": torchmetrics.MeanMetric(),
             }
+            if getattr(self, "token_level", False):
+                # exp of the mean cross-entropy over valid tokens (labels != ignore_index)
+                metrics["perplexity"] = torchmetrics.text.Perplexity(ignore_index=self.ignore_index)
             if num_classes > 5:
                 metrics["acc_top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=5, average="micro")
             if with_teacher:
@@ -309,6 +323,8 @@ class TrainingModule(L.LightningModule):
                 metrics["acc"].update(flat, flat_target)
                 metrics["ece"].update(flat.softmax(-1), flat_target)
                 metrics["loss"].update(F.cross_entropy(flat, flat_target), weight=flat.shape[0])
+                if "perplexity" in metrics:
+                    metrics["perplexity"].update(flat.unsqueeze(0), flat_target.unsqueeze(0))
                 if "acc_top5" in metrics:
                     metrics["acc_top5"].update(flat, flat_target)
                 if flat_teacher is not None and "teacher_acc" in metrics:

@@ -154,6 +154,8 @@ class BornAgain(DistillationModule):
         (3, 2)
     """
 
+    supports_teacher_cache = False  # the teacher changes at every generation
+
     def __init__(
         self,
         student: nn.Module,
@@ -345,8 +347,9 @@ class BornAgain(DistillationModule):
     # ------------------------------------------------------------------ losses
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
-        self.log("train/generation", float(self.generation), on_step=True, on_epoch=False,
-                 batch_size=self.batch_size_of(self.unpack_batch(batch)))
+        if self.should_log_step():
+            self.log("train/generation", float(self.generation), on_step=True, on_epoch=False,
+                     batch_size=self.batch_size_of(self.unpack_batch(batch)))
         return loss
 
     def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:

@@ -192,6 +192,8 @@ class CRD(KnowledgeDistillation):
         -1.0
     """
 
+    supports_teacher_cache = False  # its memory banks are updated from live teacher embeddings of its own capture
+
     def __init__(
         self,
         student: nn.Module,

@@ -27,6 +27,7 @@ FEATURE_LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 _MASKED = {"mse", "cosine"}  # losses that take a token mask for [N, L, D] features
 _SAME_SHAPE = {"mse", "cosine"}  # losses that compare features element by element
+_FEAT = "feat:"  # key prefix of cached teacher features
 PROJECTIONS = ("auto", "student_to_teacher", "teacher_to_student", "none")
 
 
@@ -270,12 +271,28 @@ class FeatureDistillation(KnowledgeDistillation):
 
     # ------------------------------------------------------------------ training
     def forward_models(self, inputs: Any) -> tuple[Tensor, Optional[Tensor]]:
-        with self._teacher_capture:
-            teacher_logits = self.teacher_forward(inputs)
+        cached = self._cached
+        if cached is not None:  # teacher_cache: logits and features from the cache
+            teacher_logits = cached["logits"]
+            teacher_feats = {name: cached[_FEAT + name] for name in self._teacher_capture.layers}
+        else:
+            with self._teacher_capture:
+                teacher_logits = self.teacher_forward(inputs)
+            teacher_feats = self._teacher_capture.pop()
         with self._student_capture:
             student_logits = self.student(inputs)
-        self._features = (self._student_capture.pop(), self._teacher_capture.pop())
+        self._features = (self._student_capture.pop(), teacher_feats)
         return student_logits, teacher_logits
+
+    def teacher_cache_outputs(self, inputs: Any) -> dict[str, Tensor]:
+        """The teacher's logits and every captured teacher layer (``feat:<layer>``)."""
+        with self._teacher_capture:
+            logits = self.teacher_forward(inputs)
+        feats = self._teacher_capture.pop()
+        return {"logits": logits, **{_FEAT + name: f for name, f in feats.items()}}
+
+    def teacher_cache_tag(self) -> str:
+        return f"{super().teacher_cache_tag()}:{self._teacher_capture.layers}"
 
     def feature_terms(self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor], mask: Optional[Tensor]) -> Tensor:
         """``sum_pairs w_pair * sum_losses beta_loss * loss(P(f_s), f_t)`` (after projection)."""

@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
-from lightning_distill.losses import KL_MODES, kd_loss
+from lightning_distill.losses import KL_MODES, check_skew, kd_loss
 from lightning_distill.module import Batch
 from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
 
@@ -33,7 +33,9 @@ class KnowledgeDistillation(DistillationModule):
             change ``module.temperature`` between steps.
         alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the hard labels.
             Defaults follow the CIFAR-100 benchmark setup of RepDistiller (T=4, alpha=0.9).
-        kl: ``"forward"`` (Hinton), ``"reverse"``, ``"symmetric"`` or ``"js"``.
+        kl: ``"forward"`` (Hinton), ``"reverse"``, ``"symmetric"``, ``"js"``, or DistiLLM's
+            ``"skew_forward"`` / ``"skew_reverse"`` (see :func:`lightning_distill.losses.kd_loss`).
+        skew: mixing share of the skew divergences, in [0, 1) (DistiLLM's default 0.1).
         **kwargs: ``teacher_checkpoint``, ``optimizer``, ``lr_scheduler``, ... of
             :class:`DistillationModule`.
 
@@ -57,6 +59,7 @@ class KnowledgeDistillation(DistillationModule):
         temperature: float = 4.0,
         alpha: float = 0.9,
         kl: str = "forward",
+        skew: float = 0.1,
         **kwargs: Any,
     ) -> None:
         if teacher is None:
@@ -65,10 +68,12 @@ class KnowledgeDistillation(DistillationModule):
         self_alpha = check_alpha(alpha)
         if kl not in KL_MODES:
             raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+        self_skew = check_skew(skew)
         super().__init__(student, teacher, **kwargs)
         self.temperature = self_temperature
         self.alpha = self_alpha
         self.kl = kl
+        self.skew = self_skew
 
     def distillation_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> Union[float, Tensor]:
         """The temperature of this step's KD term: ``self.temperature`` (learned in :class:`CTKD`)."""
@@ -78,6 +83,6 @@ class KnowledgeDistillation(DistillationModule):
         mask = batch.mask if student_logits.ndim == 3 else None
         task = self.task_loss(student_logits, batch.target)
         temperature = self.distillation_temperature(student_logits, teacher_logits)
-        kd = kd_loss(student_logits, teacher_logits, temperature, self.kl, mask=mask)
+        kd = kd_loss(student_logits, teacher_logits, temperature, self.kl, mask=mask, skew=self.skew)
         loss = (1.0 - self.alpha) * task + self.alpha * kd
         return {"loss": loss, "task_loss": task, "kd_loss": kd}

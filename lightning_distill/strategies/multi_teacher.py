@@ -142,6 +142,8 @@ class MultiTeacherDistillation(DistillationModule):
         (False, False)
     """
 
+    supports_teacher_cache = False  # several teachers (one cache each is not implemented)
+
     def __init__(
         self,
         student: nn.Module,

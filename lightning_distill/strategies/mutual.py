@@ -97,6 +97,8 @@ class MutualLearning(DistillationModule):
         >>> module.export_best_student("best_student.pt")  # doctest: +SKIP
     """
 
+    supports_teacher_cache = False  # the peers are trained; the optional teacher is rarely the cost
+
     def __init__(
         self,
         student: Optional[nn.Module] = None,
@@ -202,9 +204,7 @@ class MutualLearning(DistillationModule):
         return terms
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        b = self.unpack_batch(batch)
-        logits, teacher_logits = self.forward_models(b.input)
-        terms = self.distillation_losses(logits, teacher_logits, b)
+        terms, b = self.training_terms(batch)
         logged = dict(terms)
         logged["loss"] = terms["loss"] / len(self.students)  # train/loss: the mean over students
         self.log_terms("train", logged, self.batch_size_of(b))

@@ -93,6 +93,8 @@ class OnlineDistillation(DistillationModule):
         >>> trainer.fit(module, datamodule=DigitsDataModule())  # doctest: +SKIP
     """
 
+    supports_teacher_cache = False  # its teacher is trained concurrently: its outputs change every step
+
     def __init__(
         self,
         student: nn.Module,

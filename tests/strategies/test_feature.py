@@ -488,7 +488,7 @@ def test_hint_stage_trains_only_on_the_feature_terms(digits_dm, make_trainer):
         optimizer=functools.partial(torch.optim.SGD, lr=0.5),
     )
     recorder = _StepRecorder()
-    trainer = make_trainer(**_fit_kwargs(limit_train_batches=3, max_epochs=2, callbacks=[recorder]))
+    trainer = make_trainer(**_fit_kwargs(limit_train_batches=3, max_epochs=2, log_every_n_steps=1, callbacks=[recorder]))
     trainer.fit(module, datamodule=digits_dm)
     epochs = [row["epoch"] for row in recorder.steps]
     assert epochs == [0, 0, 0, 1, 1, 1]

@@ -63,7 +63,7 @@ def test_bad_alpha_is_rejected(bad):
 
 
 def test_bad_kl_is_rejected():
-    with pytest.raises(ValueError, match=r"`kl` must be one of \('forward', 'reverse', 'symmetric', 'js'\), got 'kullback'"):
+    with pytest.raises(ValueError, match=r"`kl` must be one of \('forward', 'reverse', 'symmetric', 'js', 'skew_forward', 'skew_reverse'\), got 'kullback'"):
         _kd(kl="kullback")
 
 

@@ -1,0 +1,168 @@
+"""``QuantAwareDistillation``: a fake-quantised (k-bit or ternary) student distilled from a float teacher."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_distill.losses import KL_MODES
+from lightning_distill.module import Batch
+from lightning_distill.quantization import (
+    check_quant_options,
+    export_quantized,
+    quantization_error,
+    quantize_model,
+    quantized_layers,
+    save_quantized,
+)
+from lightning_distill.strategies.base import check_alpha, check_temperature
+from lightning_distill.strategies.kd import KnowledgeDistillation
+
+__all__ = ["QuantAwareDistillation"]
+
+
+class QuantAwareDistillation(KnowledgeDistillation):
+    r"""Quantisation-aware distillation: Hinton KD into a student whose weights are fake-quantised.
+
+    The student's ``nn.Linear`` / ``nn.Conv`` weights are replaced in ``__init__`` by their
+    fake-quantised values (:func:`~lightning_distill.quantization.quantize_model`: k-bit symmetric
+    or asymmetric, per tensor or per channel, or ternary {-1, 0, +1} as in BitNet b1.58, Ma et al.
+    2024, arXiv:2402.17764, with the TWN least-squares scale of Li et al. 2016, arXiv:1605.04711;
+    optional Floyd-Steinberg error diffusion, seed 000). The optimizer holds the float *latent*
+    weights :math:`W` (``student.<layer>.parametrizations.weight.original``, also what checkpoints
+    store); gradients reach them through the straight-through estimator (Bengio et al. 2013,
+    arXiv:1308.3432; quantisation-aware training as in Jacob et al. 2018, arXiv:1712.05877). The
+    full-precision teacher is frozen as in every strategy:
+
+    .. math::
+
+        \mathcal{L} = (1 - \alpha)\,\mathrm{CE}\big(f_{Q(W)}(x), y\big)
+                      + \alpha\, T^2\, \mathrm{KL}\big(\mathrm{softmax}(z_T/T)\,\|\,
+                        \mathrm{softmax}(f_{Q(W)}(x)/T)\big),
+        \qquad \frac{\partial \mathcal{L}}{\partial W} := \frac{\partial \mathcal{L}}{\partial Q(W)}
+
+    with :math:`Q` the fake quantiser and :math:`D` chosen by ``kl`` as in
+    :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`. ``alpha`` weighs the
+    distillation term (``DESIGN.md`` §2). Seed 002 ("FP32 teacher -> ternary student") writes
+    :math:`\alpha_{ce}\,\mathrm{CE} + (1-\alpha_{ce})\,\tau^2\,\mathrm{KL}` with
+    ``alpha_ce = 0.5, tau = 5``: here that is ``alpha=0.5, temperature=5.0``
+    (``alpha = 1 - alpha_ce``; ``configs/digits/quant_ternary_kd.yaml``). Its no-KD baseline is
+    ``Classifier(QuantizedModel(student, ternary=True))`` (``configs/digits/quant_ternary_baseline.yaml``).
+
+    The student *is* the fake-quantised network, so ``val/acc``, ``val/agreement``, ... and
+    predictions are those of the quantised model. ``train/quant_error`` logs, with the other
+    training terms, the mean over quantised layers of the mean squared difference between latent
+    and quantised weights (kept from the step's own forward: no extra quantisation). :meth:`export_quantized` writes the
+    integer codes and scales (:func:`~lightning_distill.quantization.export_quantized`), and
+    :func:`~lightning_distill.quantization.load_quantized` rebuilds a plain float network from them.
+
+    Args:
+        student: the network to quantise and train; quantised **in place** (pass a float network,
+            not one that is already fake-quantised).
+        teacher: the frozen full-precision teacher.
+        bits: integer code width in [2, 8]; validated but ignored when ``ternary=True`` (ternary wins).
+        ternary: BitNet b1.58 codes in {-1, 0, +1} with one scale per tensor (or per channel).
+        symmetric: absmax scale, signed codes; ``False``: min/max range with a zero point.
+        per_channel: one scale per output channel instead of one per tensor.
+        error_diffusion: in [0, 1], share of each weight's quantisation error carried to the next
+            weight of its row (0: off).
+        activation_bits: also fake-quantise the inputs of the quantised layers (per tensor,
+            dynamic, [2, 8] bits), or ``None``.
+        skip: names of Linear / Conv layers of the student to keep in float (e.g. ``["head"]``).
+        temperature: softmax temperature ``T > 0``.
+        alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the hard labels.
+        kl: ``"forward"`` (Hinton), ``"reverse"``, ``"symmetric"`` or ``"js"``.
+        **kwargs: further options of :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`
+            and :class:`~lightning_distill.strategies.base.DistillationModule` (``teacher_checkpoint``,
+            ``optimizer``, ``lr_scheduler``, ...).
+
+    Module objects with parametrizations cannot be pickled: use the ``ddp`` strategy (not
+    ``ddp_spawn``); checkpoints (state dicts) are unaffected.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_distill.data import DigitsDataModule
+        >>> from lightning_distill.models import DigitsCNN, DigitsMLP
+        >>> from lightning_distill.strategies.quant_aware import QuantAwareDistillation
+        >>> module = QuantAwareDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
+        ...                                 ternary=True, temperature=5.0, alpha=0.5)
+        >>> module.student.head.weight.unique().numel() <= 3  # the forward sees {-a, 0, a}
+        True
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=DigitsDataModule())  # doctest: +SKIP
+        >>> export = module.export_quantized("student_ternary.pt")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        bits: int = 8,
+        ternary: bool = False,
+        symmetric: bool = True,
+        per_channel: bool = False,
+        error_diffusion: float = 0.0,
+        activation_bits: Optional[int] = None,
+        skip: Sequence[str] = (),
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        kl: str = "forward",
+        **kwargs: Any,
+    ) -> None:
+        # everything is validated before the student is touched (it is quantised in place)
+        options = check_quant_options(bits, symmetric, per_channel, ternary, error_diffusion, activation_bits)
+        if teacher is None:
+            raise ValueError("QuantAwareDistillation needs a `teacher` module (the full-precision network to distil).")
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
+        if teacher is student:
+            raise ValueError("`teacher` and `student` are the same module object; pass two separate modules.")
+        check_temperature(temperature)
+        check_alpha(alpha)
+        if kl not in KL_MODES:
+            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+        quantize_model(student, skip=skip, **options)
+        super().__init__(student, teacher, temperature=temperature, alpha=alpha, kl=kl, **kwargs)
+        self.bits = options["bits"]
+        self.ternary = options["ternary"]
+        self.symmetric = options["symmetric"]
+        self.per_channel = options["per_channel"]
+        self.error_diffusion = options["error_diffusion"]
+        self.activation_bits = options["activation_bits"]
+        self.skip = tuple(skip) if not isinstance(skip, str) else (skip,)
+
+    # ------------------------------------------------------------------ quantisation
+    def quantization_error(self) -> Tensor:
+        """Mean over quantised layers of ``mean((W - Q(W))^2)`` (detached).
+
+        Uses the errors kept by each layer's last forward (the current training step's); a layer
+        that has not run yet is quantised here.
+        """
+        errors = []
+        for layer in quantized_layers(self.student).values():
+            quantizer = layer.parametrizations.weight[0]
+            error = quantizer.last_error
+            if error is None:
+                error = quantization_error(layer.parametrizations.weight.original, **quantizer.options()).float()
+            errors.append(error)
+        return torch.stack([e.to(self.device) for e in errors]).mean()
+
+    def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
+        """The KD terms plus ``quant_error`` (logged as ``train/quant_error``; not part of ``loss``)."""
+        terms = super().distillation_losses(student_logits, teacher_logits, batch)
+        terms["quant_error"] = self.quantization_error().to(student_logits.device)
+        return terms
+
+    def export_quantized(self, path: Optional[Union[str, os.PathLike]] = None) -> dict[str, Any]:
+        """Integer codes, scales and float remainder of the student
+        (:func:`lightning_distill.quantization.export_quantized`); also written to ``path`` when
+        given (:func:`~lightning_distill.quantization.save_quantized`, ternary codes packed 4 per
+        byte). Reload with ``load_quantized(path, StudentArchitecture())``."""
+        if path is not None:
+            save_quantized(self.student, path)
+        return export_quantized(self.student)
