@@ -3,6 +3,7 @@
 from lightning_distill.data.cifar import CIFARDataModule
 from lightning_distill.data.common import EpochShuffleSampler, IndexedDataset, TensorClassificationDataset
 from lightning_distill.data.digits import DigitsDataModule
+from lightning_distill.data.transfer import TransferBatchSampler, TransferDataModule, UnlabeledDataset
 
 __all__ = [
     "CIFARDataModule",
@@ -10,4 +11,7 @@ __all__ = [
     "EpochShuffleSampler",
     "IndexedDataset",
     "TensorClassificationDataset",
+    "TransferBatchSampler",
+    "TransferDataModule",
+    "UnlabeledDataset",
 ]

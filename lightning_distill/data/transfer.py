@@ -42,7 +42,7 @@ __all__ = ["TransferBatchSampler", "TransferDataModule", "UnlabeledDataset"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARRAY_SUFFIXES = (".npy", ".pt", ".pth")
-MODES = ("mix", "alternate", "concat")
+MODES = ("mix", "alternate", "concat", "transfer_only")
 
 
 def _no_label(ignore_index: int) -> Tensor:
@@ -228,7 +228,9 @@ class TransferBatchSampler(BatchSampler):
     * ``"alternate"``: whole labelled batches (one pass over the labelled set) and whole
       transfer batches, ``round(n_labeled_batches * f / (1 - f))`` of them (at least 1), spread
       evenly between the labelled ones -- ``f = 0.5`` alternates labelled / transfer;
-    * ``"concat"``: one shuffled pass over both sets together (``f`` is not used).
+    * ``"concat"``: one shuffled pass over both sets together (``f`` is not used);
+    * ``"transfer_only"``: one shuffled pass over the transfer set, the labelled training set is
+      not used (data-free distillation from a synthetic set; ``f`` is not used).
 
     Transfer samples are drawn, in ``"mix"`` and ``"alternate"``, from an endless stream of
     seeded permutations of the transfer set that continues from one epoch to the next, so over
@@ -253,7 +255,7 @@ class TransferBatchSampler(BatchSampler):
         drop_last: drop the last labelled (and, in ``"concat"``, the last) batch if it is short.
         n_labeled: size of the labelled set.
         n_transfer: size of the transfer set.
-        mode: ``"mix"``, ``"alternate"`` or ``"concat"``.
+        mode: ``"mix"``, ``"alternate"``, ``"concat"`` or ``"transfer_only"``.
         unlabeled_fraction: share of transfer samples (``"mix"``) or batches (``"alternate"``).
         seed: seed of the order.
         num_replicas: number of ranks (when ``sampler`` is not a ``DistributedSampler``).
@@ -351,6 +353,9 @@ class TransferBatchSampler(BatchSampler):
         if self.mode == "concat":
             m = math.ceil((self.n_labeled + self.n_transfer) / self.num_replicas)
             return [("C", s) for s in self._chunks(m, self.batch_size)]
+        if self.mode == "transfer_only":
+            m = math.ceil(self.n_transfer / self.num_replicas)
+            return [("C", s) for s in self._chunks(m, self.batch_size)]
         m = math.ceil(self.n_labeled / self.num_replicas)
         if self.mode == "mix":
             return [("L", s) for s in self._chunks(m, self.k_labeled)]
@@ -378,8 +383,11 @@ class TransferBatchSampler(BatchSampler):
         """This rank's batches of ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else int(epoch)
         layout = self._layout()
-        if self.mode == "concat":
-            order = self._shard(self._perm(self.n_labeled + self.n_transfer, 2, epoch)).tolist()
+        if self.mode in ("concat", "transfer_only"):
+            if self.mode == "concat":
+                order = self._shard(self._perm(self.n_labeled + self.n_transfer, 2, epoch)).tolist()
+            else:
+                order = (self._shard(self._perm(self.n_transfer, 3, epoch)) + self.n_labeled).tolist()
             starts = np.cumsum([0] + [s for _, s in layout])
             return [order[a : a + s] for a, (_, s) in zip(starts, layout)]
         labeled = self._shard(self._perm(self.n_labeled, 0, epoch)).tolist()
@@ -408,7 +416,8 @@ def _check_mode(mode: Any) -> None:
     if mode not in MODES:
         raise ValueError(
             f"`mode` must be one of {MODES} ('mix': labelled and transfer samples in every batch; 'alternate': whole "
-            f"labelled and whole transfer batches in turn; 'concat': one shuffled set of both), got {mode!r}."
+            f"labelled and whole transfer batches in turn; 'concat': one shuffled set of both; 'transfer_only': the transfer "
+            f"set alone, e.g. a data-free synthetic set), got {mode!r}."
         )
 
 
@@ -448,7 +457,9 @@ class TransferDataModule(L.LightningDataModule):
     explode with a large unlabeled folder; the transfer samples come from a stream of
     permutations that continues across epochs, so all of them are used equally often over
     training. (In ``"mix"`` an epoch has ``1 / (1 - unlabeled_fraction)`` times as many steps as
-    the labelled module.) In ``"concat"`` an epoch is one pass over both sets. The order depends
+    the labelled module.) In ``"concat"`` an epoch is one pass over both sets, in
+    ``"transfer_only"`` one pass over the transfer set (data-free distillation: the labelled
+    module only supplies validation and test data). The order depends
     only on ``(shuffle_seed, epoch)``: resumed runs see the same batches.
 
     **DDP**: the training loader uses a custom batch sampler; under DDP Lightning re-creates it
@@ -472,7 +483,7 @@ class TransferDataModule(L.LightningDataModule):
         augment_mixup_alpha: Beta parameter for mixing each augmented sample with another
             labelled input; 0 = no mixing.
         augment_seed: seed of the augmented set (fixed, so a teacher cache stays valid).
-        mode: ``"mix"``, ``"alternate"`` or ``"concat"`` (above).
+        mode: ``"mix"``, ``"alternate"``, ``"concat"`` or ``"transfer_only"`` (above).
         unlabeled_fraction: share of transfer samples per batch (``"mix"``) or of transfer
             batches (``"alternate"``), in (0, 1); not used by ``"concat"``.
         batch_size: samples per training batch; ``None`` takes ``labeled.batch_size``.

@@ -380,3 +380,14 @@ def test_batch_sampler_errors():
         TransferBatchSampler(batch_size=4, n_labeled=4, n_transfer=0)
     with pytest.raises(RuntimeError, match=r"call setup\('fit'\) first"):
         TransferDataModule(TinyDataModule(), augmented_copies=1).train_dataloader()
+
+
+def test_transfer_only_mode_uses_the_transfer_set_alone():
+    from lightning_distill.data.transfer import TransferBatchSampler
+
+    bs = TransferBatchSampler(batch_size=4, n_labeled=6, n_transfer=10, mode="transfer_only", seed=0)
+    batches = bs.batches(0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(6, 16))  # every transfer sample once, no labelled one
+    assert [len(b) for b in batches] == [4, 4, 2] and len(bs) == 3
+    assert bs.batches(1) != batches and bs.batches(0) == batches  # reshuffled per epoch, reproducible
