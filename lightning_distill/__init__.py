@@ -16,6 +16,7 @@ from lightning_distill.strategies import (
     MultiTeacherDistillation,
     MutualLearning,
     OnlineDistillation,
+    QuantAwareDistillation,
     SelfDistillation,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "FeatureDistillation",
     "KnowledgeDistillation",
     "MultiTeacherDistillation",
+    "QuantAwareDistillation",
     "MutualLearning",
     "OnlineDistillation",
     "SelfDistillation",

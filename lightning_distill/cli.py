@@ -203,8 +203,11 @@ def format_test_summary(model: Any, metrics: dict[str, float], datamodule: Optio
         rows.append(("teacher", teacher, metrics.get("test/teacher_acc")))
     labels = [f"{r} ({type(m).__name__}, {_count(m)} params)" for r, m, _ in rows]
     width = max(len(label) for label in labels)
-    for label, (_, _, acc) in zip(labels, rows):
+    ppl = [metrics.get("test/perplexity"), metrics.get("test/teacher_perplexity")]
+    for i, (label, (_, _, acc)) in enumerate(zip(labels, rows)):
         value = f"{100 * acc:.2f}%" if acc is not None else "n/a"
+        if ppl[i] is not None:  # language models: token accuracy and perplexity
+            value += f"  perplexity {float(ppl[i]):.3f}"
         lines.append(f"  {label:<{width}}  {value}")
     return "\n".join(lines)
 

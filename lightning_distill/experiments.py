@@ -137,6 +137,15 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
         best = _mean_std([r.get("test_acc_best") for r in runs])
         teacher = _mean_std([r.get("teacher_test_acc") for r in runs])
         epochs = [r["best_epoch"] for r in runs if r.get("best_epoch") is not None]
+        # language models: perplexity of the last and the best-validation weights, and the teacher's
+        ppl = {
+            key: _mean_std([(r.get(src) or {}).get(metric) for r in runs], scale=1.0)
+            for key, src, metric in (
+                ("ppl_last", "test_last", "test/perplexity"),
+                ("ppl_best", "test_best", "test/perplexity"),
+                ("teacher_ppl", "test_last", "test/teacher_perplexity"),
+            )
+        }
         rows.append(
             {
                 "name": name,
@@ -150,13 +159,18 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "teacher_test_acc_mean": teacher[0],
                 "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in runs),
                 "config_hash": runs[0]["config_hash"],
+                "ppl_last_mean": ppl["ppl_last"][0],
+                "ppl_last_std": ppl["ppl_last"][1],
+                "ppl_best_mean": ppl["ppl_best"][0],
+                "ppl_best_std": ppl["ppl_best"][1],
+                "teacher_ppl_mean": ppl["teacher_ppl"][0],
             }
         )
     return rows
 
 
-def _pm(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+def _pm(mean: float, std: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_tables(results: Sequence[RunResult], out: Path, seeds: Sequence[int] = (), overrides: Sequence[str] = ()) -> str:
@@ -173,16 +187,23 @@ def write_tables(results: Sequence[RunResult], out: Path, seeds: Sequence[int] =
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["name"])
         writer.writeheader()
         writer.writerows(rows)
+    with_ppl = any(not math.isnan(r["ppl_last_mean"]) for r in rows)
+    ppl_head = "test perplexity (last epoch) | test perplexity (best val epoch) | teacher perplexity | " if with_ppl else ""
     header = (
-        "| run | test acc % (last epoch) | test acc % (best val epoch) | best epoch | teacher % | wall s | config | hash |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        f"| run | {ppl_head}test acc % (last epoch) | test acc % (best val epoch) | best epoch | teacher % | wall s | config | hash |\n"
+        + "|---" * (8 + 3 * with_ppl) + "|\n"
     )
     lines = []
     for r in rows:
         epoch = "n/a" if math.isnan(r["best_epoch_mean"]) else f"{r['best_epoch_mean']:.1f}"
         teacher = "—" if math.isnan(r["teacher_test_acc_mean"]) else f"{r['teacher_test_acc_mean']:.2f}"
+        ppl = ""
+        if with_ppl:
+            t_ppl = "—" if math.isnan(r["teacher_ppl_mean"]) else f"{r['teacher_ppl_mean']:.3f}"
+            ppl = (f"{_pm(r['ppl_last_mean'], r['ppl_last_std'], 3)} | {_pm(r['ppl_best_mean'], r['ppl_best_std'], 3)} | "
+                   f"{t_ppl} | ")
         lines.append(
-            f"| {r['name']} | {_pm(r['test_acc_last_mean'], r['test_acc_last_std'])} | "
+            f"| {r['name']} | {ppl}{_pm(r['test_acc_last_mean'], r['test_acc_last_std'])} | "
             f"{_pm(r['test_acc_best_mean'], r['test_acc_best_std'])} | {epoch} | {teacher} | "
             f"{r['wall_time_s_mean']:.1f} | `{r['config']}` | {r['config_hash']} |\n"
         )

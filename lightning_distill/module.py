@@ -288,6 +288,8 @@ class TrainingModule(L.LightningModule):
                 metrics["perplexity"] = torchmetrics.text.Perplexity(ignore_index=self.ignore_index)
             if num_classes > 5:
                 metrics["acc_top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            if with_teacher and getattr(self, "token_level", False):
+                metrics["teacher_perplexity"] = torchmetrics.text.Perplexity(ignore_index=self.ignore_index)
             if with_teacher:
                 metrics["agreement"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
                 metrics["kl"] = torchmetrics.MeanMetric()
@@ -329,6 +331,8 @@ class TrainingModule(L.LightningModule):
                     metrics["acc_top5"].update(flat, flat_target)
                 if flat_teacher is not None and "teacher_acc" in metrics:
                     metrics["teacher_acc"].update(flat_teacher, flat_target)
+                if flat_teacher is not None and "teacher_perplexity" in metrics:
+                    metrics["teacher_perplexity"].update(flat_teacher.unsqueeze(0), flat_target.unsqueeze(0))
         if flat_teacher is not None and "agreement" in metrics and flat.shape[0] > 0:
             metrics["agreement"].update(flat, flat_teacher.argmax(-1))
             metrics["kl"].update(kl_per_position(flat, flat_teacher, 1.0, "forward"))

@@ -137,7 +137,8 @@ def _sanity_reference():
 
 def test_reference_sanity():
     _sanity_reference()
-    assert KL_MODES == MODES
+    # the plain modes are checked against _ref_divergence, the skew ones against _ref_skew_per_position
+    assert KL_MODES == MODES + SKEW_MODES
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,3 +728,120 @@ def test_bad_reduction_raises(bad):
 def test_empty_batch_is_zero_not_nan(shape):
     z = torch.zeros(shape)
     assert kd_loss(z, z.clone(), 2.0).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Skew divergences (DistiLLM, Ko et al. 2024): KL(p || a p + (1 - a) q), own float64 reference.
+# --------------------------------------------------------------------------------------------
+
+
+SKEW_MODES = ("skew_forward", "skew_reverse")
+
+
+def _ref_skew_per_position(student, teacher, temperature: float, kl: str, skew: float):
+    """T^2 * KL(p || a p + (1 - a) q) per position ([N] / [N, L]) with numpy float64 and explicit loops.
+
+    ``skew_forward``: p = p_T, q = p_S; ``skew_reverse``: p = p_S, q = p_T.
+    """
+    import numpy as np
+
+    s = student.double().numpy().reshape(-1, student.shape[-1])
+    t = teacher.double().numpy().reshape(-1, teacher.shape[-1])
+    out = np.zeros(s.shape[0], dtype=np.float64)
+    for i in range(s.shape[0]):
+        ps = np.exp(np.array(_ref_log_softmax(s[i].tolist(), temperature), dtype=np.float64))
+        pt = np.exp(np.array(_ref_log_softmax(t[i].tolist(), temperature), dtype=np.float64))
+        p, q = (pt, ps) if kl == "skew_forward" else (ps, pt)
+        total = 0.0
+        for c in range(p.shape[0]):
+            if p[c] > 0.0:
+                mix = skew * p[c] + (1.0 - skew) * q[c]
+                total += p[c] * (math.log(p[c]) - math.log(mix))
+        out[i] = temperature**2 * total
+    return torch.from_numpy(out.reshape(tuple(student.shape[:-1])))
+
+
+@pytest.mark.parametrize("kl", SKEW_MODES)
+def test_skew_matches_float64_reference(kl):
+    s, t = _randn(6, 7, seed=201), _randn(6, 7, seed=202)
+    expected = _ref_skew_per_position(s, t, 2.0, kl, 0.1)
+    per_pos = kd_loss(s, t, 2.0, kl=kl, skew=0.1, reduction="none")
+    assert per_pos.dtype == torch.float32
+    torch.testing.assert_close(per_pos.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd_loss(s, t, 2.0, kl=kl, skew=0.1).double(), expected.mean(), rtol=1e-5, atol=1e-6)
+    # the skew really changes the value: it is strictly below the plain direction here
+    plain = kd_loss(s, t, 2.0, kl="forward" if kl == "skew_forward" else "reverse")
+    assert kd_loss(s, t, 2.0, kl=kl, skew=0.1) < plain
+
+
+def test_skew_directions_are_each_others_role_swap():
+    s, t = _randn(5, 6, seed=203), _randn(5, 6, seed=204)
+    torch.testing.assert_close(
+        kd_loss(s, t, 3.0, kl="skew_reverse", skew=0.3, reduction="none"),
+        kd_loss(t, s, 3.0, kl="skew_forward", skew=0.3, reduction="none"),
+    )
+
+
+@pytest.mark.parametrize(("skew_kl", "plain_kl"), [("skew_forward", "forward"), ("skew_reverse", "reverse")])
+@pytest.mark.parametrize("shape", [(4, 9), (2, 3, 9)])
+def test_skew_zero_is_the_plain_direction_exactly(skew_kl, plain_kl, shape):
+    s, t = _randn(*shape, seed=205), _randn(*shape, seed=206)
+    for reduction in ("batchmean", "none"):
+        assert torch.equal(
+            kd_loss(s, t, 2.0, kl=skew_kl, skew=0.0, reduction=reduction),
+            kd_loss(s, t, 2.0, kl=plain_kl, reduction=reduction),
+        )
+
+
+@pytest.mark.parametrize("kl", SKEW_MODES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("skew", [0.1, 0.5])
+def test_skew_bounded_by_minus_log_skew_on_extreme_logits(kl, temperature, skew):
+    g = torch.Generator().manual_seed(207)
+    signs = torch.randint(0, 2, (8, 10), generator=g).float() * 2 - 1
+    s = (signs * 1e4).requires_grad_(True)
+    t = -signs * 1e4  # teacher and student disagree everywhere: the plain KL is ~1e4 / T per position
+    per_pos = kd_loss(s, t, temperature, kl=kl, skew=skew, reduction="none")
+    assert torch.isfinite(per_pos).all()
+    bound = -math.log(skew) * temperature**2
+    assert bool((per_pos >= 0).all()) and bool((per_pos <= bound * (1 + 1e-5)).all()), (per_pos.max().item(), bound)
+    # the supports of p_T and p_S are disjoint (opposite signs): then KL(p || a p + (1 - a) q) = -log a,
+    # the bound itself, in every row that has both signs
+    both = (signs > 0).any(-1) & (signs < 0).any(-1)
+    assert bool(both.all())
+    torch.testing.assert_close(per_pos.detach().double(), torch.full((8,), bound, dtype=torch.float64), rtol=1e-5, atol=0.0)
+    plain = kd_loss(s.detach(), t, temperature, kl="forward" if kl == "skew_forward" else "reverse", reduction="none")
+    assert bool((plain > 100 * bound).all())  # the unskewed divergence is ~1e4 / T here
+    per_pos.mean().backward()
+    assert torch.isfinite(s.grad).all()
+    # overlapping supports (independent signs, magnitudes up to 1e4): finite, in [0, bound]
+    t2 = (torch.randint(0, 2, (8, 10), generator=g).float() * 2 - 1) * torch.rand(8, 10, generator=g) * 1e4
+    overlap = kd_loss(s.detach(), t2, temperature, kl=kl, skew=skew, reduction="none")
+    assert torch.isfinite(overlap).all() and bool((overlap >= 0).all()) and bool((overlap <= bound * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("kl", SKEW_MODES)
+def test_skew_token_level_mask_with_fully_masked_row(kl):
+    s, t = _randn(3, 4, 6, seed=208), _randn(3, 4, 6, seed=209)
+    mask = torch.tensor([[False] * 4, [True, True, False, True], [True, False, False, False]])
+    s[0] = float("inf")  # a fully masked row holding garbage
+    t[0] = float("nan")
+    expected_pos = _ref_skew_per_position(
+        torch.where(mask.unsqueeze(-1), s, torch.zeros(())), torch.where(mask.unsqueeze(-1), t, torch.zeros(())),
+        2.0, kl, 0.1,
+    )
+    valid = [expected_pos[i, j].item() for i in range(3) for j in range(4) if mask[i, j]]
+    expected = sum(valid) / len(valid)  # average over the 4 valid tokens only
+    actual = kd_loss(s, t, 2.0, kl=kl, skew=0.1, mask=mask)
+    assert torch.isfinite(actual)
+    assert math.isclose(actual.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+    per_pos = kd_loss(s, t, 2.0, kl=kl, skew=0.1, mask=mask, reduction="none")
+    assert torch.equal(per_pos[0], torch.zeros(4)) and torch.isfinite(per_pos).all()
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, True, 1.5, float("nan")])
+@pytest.mark.parametrize("kl", SKEW_MODES)
+def test_bad_skew_raises(bad, kl):
+    s, t = _randn(2, 3, seed=210), _randn(2, 3, seed=211)
+    with pytest.raises(ValueError, match=r"`skew` must be in \[0, 1\)"):
+        kd_loss(s, t, 2.0, kl=kl, skew=bad)

@@ -3,14 +3,17 @@
 from lightning_distill.data.cifar import CIFARDataModule
 from lightning_distill.data.common import EpochShuffleSampler, IndexedDataset, TensorClassificationDataset
 from lightning_distill.data.digits import DigitsDataModule
+from lightning_distill.data.text import CharTokenizer, TextDataModule
 from lightning_distill.data.transfer import TransferBatchSampler, TransferDataModule, UnlabeledDataset
 
 __all__ = [
     "CIFARDataModule",
+    "CharTokenizer",
     "DigitsDataModule",
     "EpochShuffleSampler",
     "IndexedDataset",
     "TensorClassificationDataset",
+    "TextDataModule",
     "TransferBatchSampler",
     "TransferDataModule",
     "UnlabeledDataset",

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_distill.models.char_transformer import CharTransformer
 from lightning_distill.models.cifar import (
     CIFAR_MODELS,
     CifarResNet,
@@ -23,6 +24,7 @@ from lightning_distill.models.torchvision_model import TorchvisionModel, torchvi
 __all__ = [
     "CIFAR_MODELS",
     "DIGITS_MODELS",
+    "CharTransformer",
     "CifarResNet",
     "DigitsCNN",
     "DigitsMLP",

@@ -9,6 +9,7 @@ from lightning_distill.strategies.kd import KnowledgeDistillation
 from lightning_distill.strategies.multi_teacher import MultiTeacherDistillation
 from lightning_distill.strategies.mutual import MutualLearning
 from lightning_distill.strategies.online import OnlineDistillation
+from lightning_distill.strategies.quant_aware import QuantAwareDistillation
 from lightning_distill.strategies.self_distillation import SelfDistillation
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "MultiTeacherDistillation",
     "MutualLearning",
     "OnlineDistillation",
+    "QuantAwareDistillation",
     "SelfDistillation",
 ]

@@ -136,7 +136,11 @@ class DistillationModule(TrainingModule):
         if pseudo_labels is not None:
             pseudo_labels = check_alpha(pseudo_labels, "pseudo_labels")
             if teacher is None:
-                raise ValueError("`pseudo_labels` needs a teacher to label samples, but `teacher` is None.")
+                raise ValueError(
+                    f"`pseudo_labels` needs a frozen teacher to label samples, but {type(self).__name__} has none "
+                    "(strategies without a teacher, or whose teacher trains alongside the student, such as "
+                    "OnlineDistillation, cannot pseudo-label). Remove pseudo_labels."
+                )
         if teacher_dtype is not None and teacher_dtype not in _DTYPES:
             raise ValueError(
                 f"`teacher_dtype` must be one of {tuple(_DTYPES)} or None (keep the teacher as built), got "
@@ -278,11 +282,16 @@ class DistillationModule(TrainingModule):
                 self._warned_teacher_mode = True
             self.teacher.eval()
         with torch.no_grad():
-            if self.teacher_dtype is None:
-                return self.teacher(inputs)
-            if isinstance(inputs, Tensor) and inputs.is_floating_point():
-                inputs = inputs.to(self.teacher_dtype)
-            return _to_float32(self.teacher(inputs))
+            return self.call_teacher(self.teacher, inputs)
+
+    def call_teacher(self, teacher: nn.Module, inputs: Any) -> Any:
+        """``teacher(inputs)``, with inputs cast to ``teacher_dtype`` and outputs back to float32 when
+        the teacher is held in reduced precision (no grad / mode handling: see :meth:`teacher_forward`)."""
+        if self.teacher_dtype is None:
+            return teacher(inputs)
+        if isinstance(inputs, Tensor) and inputs.is_floating_point():
+            inputs = inputs.to(self.teacher_dtype)
+        return _to_float32(teacher(inputs))
 
     def on_train_start(self) -> None:
         if self.teacher_cache is not None:
@@ -321,7 +330,7 @@ class DistillationModule(TrainingModule):
 
     # ------------------------------------------------------------------ probing
     def probe_outputs(self, example: Any) -> tuple[Any, Any]:
-        teacher_out = self.teacher(example) if self.teacher is not None else None
+        teacher_out = self.call_teacher(self.teacher, example) if self.teacher is not None else None
         return self.student(example), teacher_out
 
     # ------------------------------------------------------------------ steps
@@ -357,8 +366,7 @@ class DistillationModule(TrainingModule):
         if self.pseudo_labels is None or not isinstance(teacher_logits, Tensor):
             return batch
         with torch.no_grad():
-            probs = teacher_logits.detach().float().softmax(-1)
-            confidence, guess = probs.max(-1)
+            confidence, guess = self.teacher_probabilities(teacher_logits.detach()).max(-1)
             guess = torch.where(confidence >= self.pseudo_labels, guess, torch.full_like(guess, self.ignore_index))
             if batch.target is None:
                 target = guess
@@ -367,6 +375,10 @@ class DistillationModule(TrainingModule):
             if batch.mask is not None and target.ndim == batch.mask.ndim:
                 target = torch.where(batch.mask.bool(), target, torch.full_like(target, self.ignore_index))
         return batch._replace(target=target)
+
+    def teacher_probabilities(self, teacher_logits: Tensor) -> Tensor:
+        """The teacher's class probabilities at T=1 (what pseudo-labels are read from)."""
+        return teacher_logits.float().softmax(-1)
 
     def training_terms(self, batch: Any) -> tuple[dict[str, Tensor], Batch]:
         """One training step's named loss terms (and the batch as the losses saw it)."""

@@ -271,7 +271,7 @@ class CRD(KnowledgeDistillation):
     # ------------------------------------------------------------------ building from a probe
     def probe_outputs(self, example: Any) -> tuple[Any, Any]:
         with self._teacher_capture:
-            teacher_out = self.teacher(example)
+            teacher_out = self.call_teacher(self.teacher, example)
         with self._student_capture:
             student_out = self.student(example)
         self._features = (self._student_capture.pop()[self.student_layer], self._teacher_capture.pop()[self.teacher_layer])

@@ -196,7 +196,7 @@ class FeatureDistillation(KnowledgeDistillation):
     # ------------------------------------------------------------------ building from a probe
     def probe_outputs(self, example: Any) -> tuple[Any, Any]:
         with self._teacher_capture:
-            teacher_out = self.teacher(example)
+            teacher_out = self.call_teacher(self.teacher, example)
         with self._student_capture:
             student_out = self.student(example)
         self._features = (self._student_capture.pop(), self._teacher_capture.pop())
@@ -298,7 +298,7 @@ class FeatureDistillation(KnowledgeDistillation):
         """``sum_pairs w_pair * sum_losses beta_loss * loss(P(f_s), f_t)`` (after projection)."""
         total = None
         for (t_name, s_name), proj, side, weight in zip(self.pairs, self.projections, self._projection_sides, self.feature_weights):
-            f_s, f_t = student_feats[s_name], teacher_feats[t_name].detach()
+            f_s, f_t = student_feats[s_name], teacher_feats[t_name].detach().float()  # float32 even for a bf16 teacher
             if side == "student_to_teacher":
                 f_s = proj(f_s)
             elif side == "teacher_to_student":

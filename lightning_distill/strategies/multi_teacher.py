@@ -230,9 +230,13 @@ class MultiTeacherDistillation(DistillationModule):
             )
         return self.gate(teacher_logits, self.temperature)
 
+    def teacher_probabilities(self, teacher_logits: Tensor) -> Tensor:
+        """Pseudo-labels come from the ensemble: the mean of the teachers' probabilities."""
+        return teacher_logits.float().softmax(-1).mean(0)
+
     # ------------------------------------------------------------------ probing and metrics
     def probe_outputs(self, example: Any) -> tuple[Any, Any]:
-        return self.student(example), [teacher(example) for teacher in self.teachers]
+        return self.student(example), [self.call_teacher(teacher, example) for teacher in self.teachers]
 
     def on_probe(self, example: Any, output: Any, teacher_output: Any) -> int:
         counts = [int(t.shape[-1]) for t in teacher_output]

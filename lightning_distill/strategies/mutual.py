@@ -169,7 +169,7 @@ class MutualLearning(DistillationModule):
 
     # ------------------------------------------------------------------ probing
     def probe_outputs(self, example: Any) -> tuple[Any, Any]:
-        teacher_out = self.teacher(example) if self.teacher is not None else None
+        teacher_out = self.call_teacher(self.teacher, example) if self.teacher is not None else None
         outputs = [s(example) for s in self.students]
         classes = [int(o.shape[-1]) for o in outputs]
         if len(set(classes)) != 1:

@@ -8,9 +8,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.losses import KL_MODES
 from lightning_distill.module import Batch
 from lightning_distill.quantization import (
+    _unquantize,
     check_quant_options,
     export_quantized,
     quantization_error,
@@ -18,7 +18,6 @@ from lightning_distill.quantization import (
     quantized_layers,
     save_quantized,
 )
-from lightning_distill.strategies.base import check_alpha, check_temperature
 from lightning_distill.strategies.kd import KnowledgeDistillation
 
 __all__ = ["QuantAwareDistillation"]
@@ -44,8 +43,8 @@ class QuantAwareDistillation(KnowledgeDistillation):
                         \mathrm{softmax}(f_{Q(W)}(x)/T)\big),
         \qquad \frac{\partial \mathcal{L}}{\partial W} := \frac{\partial \mathcal{L}}{\partial Q(W)}
 
-    with :math:`Q` the fake quantiser and :math:`D` chosen by ``kl`` as in
-    :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`. ``alpha`` weighs the
+    with :math:`Q` the fake quantiser (``kl`` swaps the KL for the other divergences of
+    :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`). ``alpha`` weighs the
     distillation term (``DESIGN.md`` §2). Seed 002 ("FP32 teacher -> ternary student") writes
     :math:`\alpha_{ce}\,\mathrm{CE} + (1-\alpha_{ce})\,\tau^2\,\mathrm{KL}` with
     ``alpha_ce = 0.5, tau = 5``: here that is ``alpha=0.5, temperature=5.0``
@@ -55,13 +54,14 @@ class QuantAwareDistillation(KnowledgeDistillation):
     The student *is* the fake-quantised network, so ``val/acc``, ``val/agreement``, ... and
     predictions are those of the quantised model. ``train/quant_error`` logs, with the other
     training terms, the mean over quantised layers of the mean squared difference between latent
-    and quantised weights (kept from the step's own forward: no extra quantisation). :meth:`export_quantized` writes the
-    integer codes and scales (:func:`~lightning_distill.quantization.export_quantized`), and
+    and quantised weights (kept from the step's own forward: no extra quantisation).
+    :meth:`export_quantized` writes the integer codes and scales
+    (:func:`~lightning_distill.quantization.export_quantized`), and
     :func:`~lightning_distill.quantization.load_quantized` rebuilds a plain float network from them.
 
     Args:
-        student: the network to quantise and train; quantised **in place** (pass a float network,
-            not one that is already fake-quantised).
+        student: the float network to quantise and train (not one already fake-quantised);
+            quantised **in place**, undone if the construction fails.
         teacher: the frozen full-precision teacher.
         bits: integer code width in [2, 8]; validated but ignored when ``ternary=True`` (ternary wins).
         ternary: BitNet b1.58 codes in {-1, 0, +1} with one scale per tensor (or per channel).
@@ -74,7 +74,8 @@ class QuantAwareDistillation(KnowledgeDistillation):
         skip: names of Linear / Conv layers of the student to keep in float (e.g. ``["head"]``).
         temperature: softmax temperature ``T > 0``.
         alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the hard labels.
-        kl: ``"forward"`` (Hinton), ``"reverse"``, ``"symmetric"`` or ``"js"``.
+        kl: the divergence, as in :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`
+            (``"forward"``: Hinton's KL).
         **kwargs: further options of :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`
             and :class:`~lightning_distill.strategies.base.DistillationModule` (``teacher_checkpoint``,
             ``optimizer``, ``lr_scheduler``, ...).
@@ -114,20 +115,17 @@ class QuantAwareDistillation(KnowledgeDistillation):
         kl: str = "forward",
         **kwargs: Any,
     ) -> None:
-        # everything is validated before the student is touched (it is quantised in place)
         options = check_quant_options(bits, symmetric, per_channel, ternary, error_diffusion, activation_bits)
-        if teacher is None:
-            raise ValueError("QuantAwareDistillation needs a `teacher` module (the full-precision network to distil).")
         if not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
-        if teacher is student:
-            raise ValueError("`teacher` and `student` are the same module object; pass two separate modules.")
-        check_temperature(temperature)
-        check_alpha(alpha)
-        if kl not in KL_MODES:
-            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+        # quantised before the base class sees it (the optimizer and checkpoints hold the latent weights);
+        # undone if any later argument check fails, so a failed construction leaves the student as it was
         quantize_model(student, skip=skip, **options)
-        super().__init__(student, teacher, temperature=temperature, alpha=alpha, kl=kl, **kwargs)
+        try:
+            super().__init__(student, teacher, temperature=temperature, alpha=alpha, kl=kl, **kwargs)
+        except BaseException:
+            _unquantize(student)
+            raise
         self.bits = options["bits"]
         self.ternary = options["ternary"]
         self.symmetric = options["symmetric"]
@@ -152,7 +150,9 @@ class QuantAwareDistillation(KnowledgeDistillation):
             errors.append(error)
         return torch.stack([e.to(self.device) for e in errors]).mean()
 
-    def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
+    def distillation_losses(
+        self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch
+    ) -> dict[str, Tensor]:
         """The KD terms plus ``quant_error`` (logged as ``train/quant_error``; not part of ``loss``)."""
         terms = super().distillation_losses(student_logits, teacher_logits, batch)
         terms["quant_error"] = self.quantization_error().to(student_logits.device)

@@ -25,6 +25,7 @@ from lightning_distill import (
     MultiTeacherDistillation,
     MutualLearning,
     OnlineDistillation,
+    QuantAwareDistillation,
     SelfDistillation,
 )
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
@@ -87,6 +88,14 @@ def _multi_teacher(student: nn.Module, teacher: nn.Module) -> DistillationModule
     )
 
 
+def _quant_aware(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    # ternary conv/linear weights with error diffusion and 8-bit inputs; the head stays float
+    return QuantAwareDistillation(
+        student, teacher, teacher_checkpoint="zoo:digits_cnn", ternary=True, error_diffusion=0.5,
+        activation_bits=8, skip=("head",), temperature=5.0, alpha=0.5,
+    )
+
+
 #: strategy class -> factory(student, teacher) building it with tiny, fast settings
 #: (strategies without a frozen teacher ignore ``teacher``; the teacher checks then do not apply)
 STRATEGIES = {
@@ -99,6 +108,7 @@ STRATEGIES = {
     MutualLearning: _mutual,
     OnlineDistillation: _online,
     MultiTeacherDistillation: _multi_teacher,
+    QuantAwareDistillation: _quant_aware,
 }
 
 
