@@ -218,7 +218,13 @@ class DistillationModule(TrainingModule):
     def teacher_cache_outputs(self, inputs: Any) -> dict[str, Tensor]:
         """What the cache stores per training sample: ``{"logits": ...}`` (feature strategies add
         their captured teacher features)."""
-        return {"logits": self.teacher_forward(inputs)}
+        return {"logits": self.teacher_forward(self.to_memory_format(inputs))}
+
+    def to_memory_format(self, inputs: Any) -> Any:
+        """4-D inputs in ``channels_last`` when that option is on (as the models are)."""
+        if self.channels_last and isinstance(inputs, Tensor) and inputs.ndim == 4:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
 
     def teacher_cache_tag(self) -> str:
         """Extra text in the cache key: whatever else decides :meth:`teacher_cache_outputs`."""
@@ -353,9 +359,7 @@ class DistillationModule(TrainingModule):
         """The training batch both models see: unpacked, in channels_last if asked, and through
         ``function_matching`` (one augmentation for teacher and student) when it is set."""
         b = self.unpack_batch(batch)
-        inputs = b.input
-        if self.channels_last and isinstance(inputs, Tensor) and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = self.to_memory_format(b.input)
         if self.function_matching is not None:
             inputs, target, _ = self.function_matching(inputs, b.target, ignore_index=self.ignore_index)
             return b._replace(input=inputs, target=target)

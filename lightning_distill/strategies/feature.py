@@ -287,7 +287,7 @@ class FeatureDistillation(KnowledgeDistillation):
     def teacher_cache_outputs(self, inputs: Any) -> dict[str, Tensor]:
         """The teacher's logits and every captured teacher layer (``feat:<layer>``)."""
         with self._teacher_capture:
-            logits = self.teacher_forward(inputs)
+            logits = self.teacher_forward(self.to_memory_format(inputs))
         feats = self._teacher_capture.pop()
         return {"logits": logits, **{_FEAT + name: f for name, f in feats.items()}}
 
