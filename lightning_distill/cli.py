@@ -155,7 +155,10 @@ class DistillCLI(LightningCLI):
         if trainer.is_global_zero:
             print(format_test_summary(self.model, last, self.datamodule))
             if best:
-                monitor = f", {ckpt.monitor} {100 * best_score:.2f}%" if best_score is not None else ""
+                monitor = ""
+                if best_score is not None:  # accuracies in percent, losses / perplexities as they are
+                    percent = "acc" in ckpt.monitor.rsplit("/", 1)[-1]
+                    monitor = f", {ckpt.monitor} " + (f"{100 * best_score:.2f}%" if percent else f"{best_score:.4g}")
                 print(
                     f"Student at its best validation epoch (epoch {best_epoch}{monitor}): "
                     f"{100 * best.get('test/acc', float('nan')):.2f}% test accuracy"
