@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from lightning_distill import Classifier, FeatureDistillation, KnowledgeDistillation
 from lightning_distill.data import TextDataModule
-from lightning_distill.losses import kd_loss
 from lightning_distill.models import CharTransformer
 from lightning_distill.module import Batch
 
