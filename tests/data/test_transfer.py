@@ -326,7 +326,7 @@ def test_random_labelled_inputs_warn_for_the_fixed_augmented_set():
         ({"labeled": "digits"}, TypeError, r"`labeled` must be a LightningDataModule.*got str"),
         ({"augmented_copies": 0}, ValueError, r"`unlabeled` is None and `augmented_copies` is 0\. Set `unlabeled`"),
         ({"augmented_copies": -1}, ValueError, r"`augmented_copies` must be an integer >= 0.*got -1"),
-        ({"mode": "interleave"}, ValueError, r"`mode` must be one of \('mix', 'alternate', 'concat'\).*got 'interleave'"),
+        ({"mode": "interleave"}, ValueError, r"`mode` must be one of \('mix', 'alternate', 'concat', 'transfer_only'\).*got 'interleave'"),
         ({"unlabeled_fraction": 1.0}, ValueError, r"`unlabeled_fraction` must be a number in \(0, 1\).*got 1.0"),
         ({"unlabeled_fraction": 0}, ValueError, r"`unlabeled_fraction` must be a number in \(0, 1\).*got 0"),
         ({"batch_size": 1}, ValueError, r"`batch_size` must be >= 2 in mode 'mix'.*got 1"),
