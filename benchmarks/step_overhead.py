@@ -164,6 +164,42 @@ def lightning_fit(teacher, student, x, y, steps, temperature=4.0, alpha=0.9, set
     return timer.seconds / steps
 
 
+class _BareKD(L.LightningModule):
+    """The floor of any LightningModule: the same work in ``training_step``, no logging, no metrics."""
+
+    def __init__(self, teacher, student, temperature: float, alpha: float) -> None:
+        super().__init__()
+        self.teacher, self.student, self.temperature, self.alpha = teacher, student, temperature, alpha
+        self.teacher.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = self.student(x)
+        return (1 - self.alpha) * F.cross_entropy(s, y) + self.alpha * kd_loss(s, t, self.temperature)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+
+def bare_lightning_fit(teacher, student, x, y, steps, temperature=4.0, alpha=0.9, settings: Settings = DEFAULT) -> float:
+    """Seconds per step of a minimal LightningModule under the same Trainer settings."""
+    timer = _StepTimer(settings)
+    trainer = L.Trainer(
+        accelerator=settings.device, devices=1, precision=settings.precision, max_steps=steps, max_epochs=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+    )
+    trainer.fit(_BareKD(teacher, student, temperature, alpha), train_dataloaders=_loader(x, y, steps))
+    return timer.seconds / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
@@ -175,6 +211,8 @@ def main() -> None:
                         help="32, or autocast to bfloat16 / float16 (Trainer precision of the same name)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for models and inputs")
     parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher (both sides)")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the third timing: a minimal LightningModule doing the same work (Lightning's floor)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 repeat, batch <= 8")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -207,15 +245,21 @@ def main() -> None:
         plain_loop(teacher, student, x, y, 3, settings=settings)  # warm-up (allocator, kernels, compilation)
         if settings.compile:
             lightning_fit(teacher, student, x, y, 3, settings=settings, num_classes=classes)  # its compilation, untimed
-        plain, light = [], []
+        plain, light, bare = [], [], []
         for _ in range(args.repeats):
             plain.append(plain_loop(teacher, student, x, y, steps, settings=settings))
             light.append(lightning_fit(teacher, student, x, y, steps, settings=settings, num_classes=classes))
+            if not args.no_bare:
+                bare.append(bare_lightning_fit(teacher, student, x, y, steps, settings=settings))
         p, lt = statistics.median(plain), statistics.median(light)
+        floor = ""
+        if bare:
+            b = statistics.median(bare)
+            floor = f" | bare LightningModule (same work, no logging) {1e3 * b:.2f} ms/step, ratio {b / p:.2f}"
         print(
             f"{name}: batch {batch}, {steps} steps x {args.repeats} alternating repeats | plain loop {1e3 * p:.2f} ms/step"
             f" ({batch / p:.0f} samples/s) | KnowledgeDistillation + Trainer.fit {1e3 * lt:.2f} ms/step"
-            f" ({batch / lt:.0f} samples/s) | ratio {lt / p:.2f}"
+            f" ({batch / lt:.0f} samples/s) | ratio {lt / p:.2f}{floor}"
         )
 
 
