@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["Batch", "OptimizerFactory", "SchedulerFactory", "TrainingModule"]
+__all__ = ["Batch", "OptimizerFactory", "Perplexity", "SchedulerFactory", "TrainingModule"]
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]
@@ -82,6 +82,18 @@ def unpack_batch(batch: Any) -> Batch:
 def _check_choice(name: str, value: Any, valid: tuple) -> None:
     if value not in valid:
         raise ValueError(f"`{name}` must be one of {valid}, got {value!r}.")
+
+
+class Perplexity(torchmetrics.MeanMetric):
+    """exp of the mean token cross-entropy: update with per-token losses (``reduction="none"``).
+
+    Unlike ``torchmetrics.text.Perplexity`` (which takes ``log(softmax(logits))`` and so returns
+    ``inf`` for the whole epoch once one target's probability underflows float32), the per-token
+    losses come from ``log_softmax`` and stay finite.
+    """
+
+    def compute(self) -> Tensor:
+        return super().compute().exp()
 
 
 class TrainingModule(L.LightningModule):
@@ -284,12 +296,12 @@ class TrainingModule(L.LightningModule):
                 "loss": torchmetrics.MeanMetric(),
             }
             if getattr(self, "token_level", False):
-                # exp of the mean cross-entropy over valid tokens (labels != ignore_index)
-                metrics["perplexity"] = torchmetrics.text.Perplexity(ignore_index=self.ignore_index)
+                # exp of the mean cross-entropy over valid tokens (labels != ignore_index), see Perplexity
+                metrics["perplexity"] = Perplexity()
             if num_classes > 5:
                 metrics["acc_top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=5, average="micro")
             if with_teacher and getattr(self, "token_level", False):
-                metrics["teacher_perplexity"] = torchmetrics.text.Perplexity(ignore_index=self.ignore_index)
+                metrics["teacher_perplexity"] = Perplexity()
             if with_teacher:
                 metrics["agreement"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
                 metrics["kl"] = torchmetrics.MeanMetric()
@@ -324,15 +336,16 @@ class TrainingModule(L.LightningModule):
             if flat.shape[0] > 0:
                 metrics["acc"].update(flat, flat_target)
                 metrics["ece"].update(flat.softmax(-1), flat_target)
-                metrics["loss"].update(F.cross_entropy(flat, flat_target), weight=flat.shape[0])
+                token_ce = F.cross_entropy(flat, flat_target, reduction="none")
+                metrics["loss"].update(token_ce.mean(), weight=flat.shape[0])
                 if "perplexity" in metrics:
-                    metrics["perplexity"].update(flat.unsqueeze(0), flat_target.unsqueeze(0))
+                    metrics["perplexity"].update(token_ce)
                 if "acc_top5" in metrics:
                     metrics["acc_top5"].update(flat, flat_target)
                 if flat_teacher is not None and "teacher_acc" in metrics:
                     metrics["teacher_acc"].update(flat_teacher, flat_target)
                 if flat_teacher is not None and "teacher_perplexity" in metrics:
-                    metrics["teacher_perplexity"].update(flat_teacher.unsqueeze(0), flat_target.unsqueeze(0))
+                    metrics["teacher_perplexity"].update(F.cross_entropy(flat_teacher, flat_target, reduction="none"))
         if flat_teacher is not None and "agreement" in metrics and flat.shape[0] > 0:
             metrics["agreement"].update(flat, flat_teacher.argmax(-1))
             metrics["kl"].update(kl_per_position(flat, flat_teacher, 1.0, "forward"))

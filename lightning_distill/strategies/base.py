@@ -46,6 +46,7 @@ _COMPILE = ("student", "teacher", "both")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 _TEACHER = "teacher"
+_FM = "function_matching"
 
 
 def check_alpha(value: Any, name: str = "alpha") -> float:
@@ -62,6 +63,8 @@ def _to_float32(output: Any) -> Any:
     """Floating tensors of a (possibly nested) output as float32 (a reduced-precision teacher's)."""
     if isinstance(output, Tensor):
         return output.float() if output.is_floating_point() else output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # NamedTuple
+        return type(output)(*(_to_float32(o) for o in output))
     if isinstance(output, (tuple, list)):
         return type(output)(_to_float32(o) for o in output)
     if isinstance(output, dict):
@@ -173,6 +176,7 @@ class DistillationModule(TrainingModule):
         self.compile_modules = compile
         self.teacher_cache = teacher_cache
         self._cached: Optional[dict[str, Tensor]] = None  # this step's cached teacher outputs
+        self._mixed: Optional[Tensor] = None  # samples function matching mixed in this step
         if teacher is not None:
             if teacher_checkpoint is not None:
                 load_weights(teacher, teacher_checkpoint, argument="teacher_checkpoint")
@@ -328,9 +332,19 @@ class DistillationModule(TrainingModule):
             self.teacher_cache.load_state_dict(checkpoint["teacher_cache"])
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
-        """Re-attach the current teacher when the state dict was saved without it."""
+        """Re-attach the current teacher when the state dict was saved without it.
+
+        ``function_matching`` only carries its random generator's state: a checkpoint trained with it
+        loads into a module without it (e.g. for evaluation) and vice versa (the augmenter then keeps
+        its own fresh state)."""
+        state_dict = dict(state_dict)
+        fm_keys = [k for k in state_dict if k.startswith(_FM + ".")]
+        if self.function_matching is None:
+            for key in fm_keys:
+                del state_dict[key]
+        elif not fm_keys:
+            state_dict.update({f"{_FM}.{k}": v for k, v in self.function_matching.state_dict().items()})
         if self.teacher is not None and not any(k.startswith(_TEACHER + ".") for k in state_dict):
-            state_dict = dict(state_dict)
             state_dict.update({f"{_TEACHER}.{k}": v for k, v in self.teacher.state_dict().items()})
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -360,8 +374,10 @@ class DistillationModule(TrainingModule):
         ``function_matching`` (one augmentation for teacher and student) when it is set."""
         b = self.unpack_batch(batch)
         inputs = self.to_memory_format(b.input)
+        self._mixed = None
         if self.function_matching is not None:
-            inputs, target, _ = self.function_matching(inputs, b.target, ignore_index=self.ignore_index)
+            inputs, target, info = self.function_matching(inputs, b.target, ignore_index=self.ignore_index)
+            self._mixed = info.get("mixed")  # mixed samples stay label-free, even with pseudo_labels
             return b._replace(input=inputs, target=target)
         return b._replace(input=inputs)
 
@@ -369,8 +385,15 @@ class DistillationModule(TrainingModule):
         """Give unlabelled samples the teacher's confident top-1 class (``pseudo_labels``)."""
         if self.pseudo_labels is None or not isinstance(teacher_logits, Tensor):
             return batch
+        probs = self.teacher_probabilities(teacher_logits.detach())
+        if probs.ndim == 3 and batch.mask is None:
+            raise ValueError(
+                "`pseudo_labels` with token-level logits [N, L, V] needs the batch's `mask`: without it padding "
+                "(target ignore_index) cannot be told from unlabelled tokens. Use a data module that yields a mask "
+                "(lightning_distill.data.TextDataModule does) or remove pseudo_labels."
+            )
         with torch.no_grad():
-            confidence, guess = self.teacher_probabilities(teacher_logits.detach()).max(-1)
+            confidence, guess = probs.max(-1)
             guess = torch.where(confidence >= self.pseudo_labels, guess, torch.full_like(guess, self.ignore_index))
             if batch.target is None:
                 target = guess
@@ -378,6 +401,10 @@ class DistillationModule(TrainingModule):
                 target = torch.where(batch.target == self.ignore_index, guess, batch.target)
             if batch.mask is not None and target.ndim == batch.mask.ndim:
                 target = torch.where(batch.mask.bool(), target, torch.full_like(target, self.ignore_index))
+            mixed = getattr(self, "_mixed", None)
+            if mixed is not None and mixed.shape == target.shape[:1]:
+                keep = mixed.to(target.device).reshape(-1, *([1] * (target.ndim - 1)))
+                target = torch.where(keep, torch.full_like(target, self.ignore_index), target)
         return batch._replace(target=target)
 
     def teacher_probabilities(self, teacher_logits: Tensor) -> Tensor:
@@ -407,19 +434,23 @@ class DistillationModule(TrainingModule):
         each ``self.log`` call costs about 0.4 ms (on the CPU, more than the whole forward of a
         small student). The terms are therefore handed to Lightning on exactly the steps it writes
         (``(batches_that_stepped + 1) % log_every_n_steps == 0``), plus the first and the last
-        batch of every epoch so the progress bar and ``trainer.callback_metrics`` always hold
-        current values. Without a trainer (a manual call) it always logs.
+        batch of every epoch and the last step of a ``max_steps`` run, so the progress bar and
+        ``trainer.callback_metrics`` hold current values at those points (between them, callbacks
+        reading ``train/*`` see the last logged step: set ``log_every_n_steps=1`` for every step).
+        Without a trainer (a manual call) it always logs.
         """
         trainer = self._trainer
         if trainer is None:
             return True
         loop = trainer.fit_loop.epoch_loop
         n = max(int(trainer.log_every_n_steps), 1)
+        max_steps = int(trainer.max_steps or -1)
         return (
             (loop._batches_that_stepped + 1) % n == 0
             or loop.batch_progress.current.ready <= 1
             or bool(trainer.is_last_batch)
             or bool(trainer.should_stop)
+            or (max_steps > 0 and trainer.global_step + 1 >= max_steps)
         )
 
     def log_terms(self, stage: str, terms: Mapping[str, Tensor], batch_size: int) -> None:

@@ -292,7 +292,8 @@ class FeatureDistillation(KnowledgeDistillation):
         return {"logits": logits, **{_FEAT + name: f for name, f in feats.items()}}
 
     def teacher_cache_tag(self) -> str:
-        return f"{super().teacher_cache_tag()}:{self._teacher_capture.layers}"
+        capture = self._teacher_capture
+        return f"{super().teacher_cache_tag()}:{[(name, capture._index(name)) for name in capture.layers]}"
 
     def feature_terms(self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor], mask: Optional[Tensor]) -> Tensor:
         """``sum_pairs w_pair * sum_losses beta_loss * loss(P(f_s), f_t)`` (after projection)."""

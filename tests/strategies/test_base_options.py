@@ -739,3 +739,94 @@ def test_teacher_cache_of_wrong_type_raises():
 def test_pseudo_labels_without_teacher_raises():
     with pytest.raises(ValueError, match="`pseudo_labels` needs a frozen teacher to label samples, but MutualLearning has none"):
         MutualLearning(DigitsStudentCNN(), teacher=None, num_students=2, seed=0, pseudo_labels=0.5)
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_function_matching_checkpoints_load_with_and_without_the_option(digits_dm, make_trainer, tmp_path, seeded):
+    module = _kd(function_matching=FunctionMatching(seed=0))
+    trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, default_root_dir=tmp_path,
+                           enable_checkpointing=True)
+    trainer.fit(module, datamodule=digits_dm)
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("function_matching.") for k in state)
+    plain = KnowledgeDistillation.load_from_checkpoint(ckpt, student=DigitsStudentCNN(), teacher=DigitsCNN(), weights_only=True)
+    for key, value in plain.student.state_dict().items():
+        assert torch.equal(value, module.student.state_dict()[key])
+    # the other way round: a plain checkpoint into a module that adds function matching
+    fm = FunctionMatching(seed=3)
+    before = fm.state_dict()
+    stripped = {k: v for k, v in state.items() if not k.startswith("function_matching.")}
+    other = _kd(function_matching=fm)
+    other.load_state_dict(stripped)
+    for key, value in plain.student.state_dict().items():
+        assert torch.equal(other.student.state_dict()[key], value)
+    assert fm.state_dict().keys() == before.keys()
+
+
+def test_cache_key_depends_on_the_selected_tuple_element():
+    def tag(select):
+        return FeatureDistillation(DigitsStudentCNN(), DigitsCNN(), layer_map={"block2": "block1"},
+                                   teacher_select=select).teacher_cache_tag()
+
+    assert tag(0) != tag(1)
+    assert tag(0) == tag(None)
+
+
+def test_max_steps_run_ends_with_current_train_metrics(digits_dm, make_trainer, seeded):
+    module = _kd()
+    losses = []
+
+    class Rec(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = make_trainer(max_steps=5, limit_val_batches=0, log_every_n_steps=50, callbacks=[Rec()])
+    trainer.fit(module, datamodule=digits_dm)
+    assert len(losses) == 5
+    assert math.isclose(float(trainer.callback_metrics["train/loss"]), losses[-1], rel_tol=1e-6)
+
+
+def test_perplexity_stays_finite_when_a_probability_underflows():
+    from lightning_distill.module import Perplexity
+
+    metric = Perplexity()
+    logits = torch.tensor([[0.0, -120.0], [0.0, 0.0]])  # softmax of the target underflows float32
+    target = torch.tensor([1, 0])
+    metric.update(F.cross_entropy(logits, target, reduction="none"))
+    expected = math.exp((120.0 + math.log1p(math.exp(-120.0)) + math.log(2.0)) / 2)
+    assert math.isclose(float(metric.compute()), expected, rel_tol=1e-5)
+
+
+def test_reduced_precision_teacher_keeps_namedtuple_outputs():
+    from typing import NamedTuple
+
+    from lightning_distill.strategies.base import _to_float32
+
+    class Out(NamedTuple):
+        logits: torch.Tensor
+        feat: torch.Tensor
+
+    out = _to_float32(Out(torch.ones(2, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)))
+    assert isinstance(out, Out) and out.logits.dtype == torch.float32 and out.feat.dtype == torch.float32
+
+
+def test_pseudo_labels_leave_mixed_samples_label_free(seeded):
+    module = _kd(function_matching=FunctionMatching(mixup_alpha=1.0, mix_prob=1.0, seed=0), pseudo_labels=0.0,
+                 num_classes=10)
+    module.train()
+    x = torch.rand(8, 1, 8, 8)
+    _, seen = module.training_terms((x, torch.full((8,), -100), torch.arange(8)))
+    mixed = module._mixed
+    assert mixed is not None and bool(mixed.any())
+    assert bool((seen.target[mixed] == -100).all())
+    assert bool((seen.target[~mixed] >= 0).all())  # unmixed unlabelled samples got the teacher's class
+
+
+def test_token_level_pseudo_labels_need_a_mask():
+    from lightning_distill.module import Batch
+
+    module = _kd(pseudo_labels=0.5, num_classes=10)
+    batch = Batch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 2, 3], [4, -100, -100]]))
+    with pytest.raises(ValueError, match=r"`pseudo_labels` with token-level logits \[N, L, V\] needs the batch's `mask`"):
+        module.with_pseudo_labels(batch, torch.randn(2, 3, 10))
