@@ -45,12 +45,13 @@ import gc
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import warnings
 from functools import partial
 from typing import Any, Optional
+
+from _machine import describe  # benchmarks/_machine.py: this folder is on sys.path when run as a script
 
 VARIANTS = {
     "a": "Classifier, student alone",
@@ -146,7 +147,7 @@ def child(variant: str, args: argparse.Namespace) -> None:
     # num_classes given and no example input: setup() skips the shape probe, whose plain `self.teacher(example)`
     # call feeds a float32 example to a bfloat16 teacher (DistillationModule.probe_outputs bypasses teacher_forward)
     gc.collect()
-    result: dict[str, Any] = {"variant": variant, "machine": _machine(args.device, torch, L)}
+    result: dict[str, Any] = {"variant": variant, "machine": describe(args.device)}
     if cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -202,16 +203,6 @@ def _run_children(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """One fresh process per variant, one after the other."""
     return {v: _result(v, _start_child(v, args)) for v in VARIANTS}
 
-
-def _machine(device: str, torch: Any, L: Any) -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    what = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, lightning {L.__version__}, {what}"
 
 
 def _mib(n: float) -> str:

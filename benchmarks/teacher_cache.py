@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from _machine import describe  # benchmarks/_machine.py: this folder is on sys.path when run as a script
 from torch.utils.data import DataLoader
 
 from lightning_distill import Classifier, KnowledgeDistillation
@@ -113,18 +113,6 @@ class _EpochTimer(L.Callback):
         self._handle.remove()
         self._handle = None
 
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, lightning {L.__version__}, CPU"
-    )
 
 
 class Runner:
@@ -267,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
-    print(f"Machine: {_machine()}")
+    print(f"Machine: {describe()}")
     print()
     def run(directory: Optional[str]) -> None:
         for name in args.pairs:

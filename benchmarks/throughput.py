@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,8 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import lightning as L
-import torch
 import yaml
+from _machine import describe  # benchmarks/_machine.py: this folder is on sys.path when run as a script
 
 from lightning_distill.cli import DistillCLI
 from lightning_distill.module import TrainingModule, unpack_batch
@@ -150,16 +149,6 @@ def run_config(path: Path, spec: dict[str, Any], epochs: int, limit_batches: Opt
     return timer
 
 
-def _machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}, CPU")
-
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -187,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     order = list(dict.fromkeys([r for r in reference.values() if r is not None and r not in specs] + paths))
     specs.update({p: refs[p] for p in order if p not in specs})
 
-    print(f"Machine: {_machine()}")
+    print(f"Machine: {describe()}")
     print(f"{args.epochs} epoch(s) per fit"
           + (f", {args.limit_train_batches} batches per epoch" if args.limit_train_batches else ", full epochs")
           + f", {args.repeats} round(s) over {len(order)} configs in one process"

@@ -7,14 +7,13 @@ import os
 import pickle
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from lightning_distill.data.common import EpochShuffleSampler, IndexedDataset, check_positive_int
+from lightning_distill.data.common import IndexedDataset, SplitDataModule, check_positive_int
 
 __all__ = ["CIFARDataModule", "stratified_split"]
 
@@ -101,7 +100,7 @@ def stratified_split(targets: Tensor, n_holdout: int, seed: int) -> tuple[Tensor
     return torch.nonzero(~is_holdout).flatten(), torch.nonzero(is_holdout).flatten()
 
 
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100 (32x32 colour images, 50k train / 10k test) through torchvision.
 
     ``val_size`` training images are held out for validation by a stratified split fixed by
@@ -180,6 +179,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
+        self.pin_memory = torch.cuda.is_available()  # faster host-to-GPU copies of image batches
         self.verify_checksums = verify_checksums
         self.mean, self.std = CIFAR_STATS[num_classes]
         self.train_dataset: Dataset | None = None
@@ -293,8 +293,7 @@ class CIFARDataModule(L.LightningDataModule):
             self.val_dataset = IndexedDataset(Subset(plain_full, val_idx.tolist()))
         else:
             self.val_dataset = self.test_dataset
-        if self.shuffle_seed is None:
-            self.shuffle_seed = torch.initial_seed() % (2**31)
+        self.resolve_shuffle_seed()
 
     def example_input(self, n: int = 8) -> Tensor:
         """A few real (non-augmented, normalised) training inputs, used to probe model shapes."""
@@ -303,26 +302,3 @@ class CIFARDataModule(L.LightningDataModule):
         return torch.stack([self._train_plain[i][0] for i in range(n)])
 
     # ---------------------------------------------------------------------------- dataloaders
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = EpochShuffleSampler(dataset, seed=self.shuffle_seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)

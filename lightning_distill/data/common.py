@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sized
 
+import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["EpochShuffleSampler", "IndexedDataset", "TensorClassificationDataset", "check_positive_int"]
+__all__ = ["EpochShuffleSampler", "IndexedDataset", "SplitDataModule", "TensorClassificationDataset", "check_positive_int"]
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -75,3 +76,46 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class SplitDataModule(L.LightningDataModule):
+    """The loader half every data module with fixed train / val / test datasets shares.
+
+    Subclasses set ``batch_size``, ``num_workers``, ``shuffle_seed`` and, in ``setup``, the three
+    datasets, then call :meth:`resolve_shuffle_seed`. Training batches come in the resumable order of
+    :class:`EpochShuffleSampler`; validation, test and predict loaders keep the dataset order.
+    """
+
+    batch_size: int
+    num_workers: int
+    shuffle_seed: Any
+    #: pin host memory for faster copies to a GPU (set by data modules whose batches are large)
+    pin_memory: bool = False
+
+    def resolve_shuffle_seed(self) -> None:
+        """``shuffle_seed=None`` takes the global seed (``seed_everything``) the first time setup runs."""
+        if self.shuffle_seed is None:
+            self.shuffle_seed = torch.initial_seed() % (2**31)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = EpochShuffleSampler(dataset, seed=self.shuffle_seed) if train else None  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lightning_distill.data.common import EpochShuffleSampler, TensorClassificationDataset, check_positive_int
+from lightning_distill.data.common import SplitDataModule, TensorClassificationDataset, check_positive_int
 
 __all__ = ["DigitsDataModule"]
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The 1,797 8x8 handwritten digits that ship with scikit-learn (UCI optdigits test set).
 
     Images are scaled from ``0..16`` to ``[0, 1]`` and shaped ``[1, 8, 8]``. The split into
@@ -94,32 +92,9 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_dataset = TensorClassificationDataset(x[train], y[train])
         self.val_dataset = TensorClassificationDataset(x[val], y[val])
         self.test_dataset = TensorClassificationDataset(x[test], y[test])
-        if self.shuffle_seed is None:
-            self.shuffle_seed = torch.initial_seed() % (2**31)
+        self.resolve_shuffle_seed()
 
     def example_input(self, n: int = 8) -> Tensor:
         """A few real training inputs, used to probe model shapes before training."""
         self.setup()
         return self.train_dataset.inputs[:n]
-
-    def _loader(self, dataset: TensorClassificationDataset, train: bool) -> DataLoader:
-        sampler = EpochShuffleSampler(dataset, seed=self.shuffle_seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)

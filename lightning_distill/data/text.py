@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Optional, Union
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_distill.data.common import EpochShuffleSampler, check_positive_int
+from lightning_distill.data.common import SplitDataModule, check_positive_int
 
 __all__ = ["CharTokenizer", "TextDataModule", "TokenChunkDataset", "default_corpus"]
 
@@ -190,7 +189,7 @@ class TokenChunkDataset(Dataset):
         return self.inputs[index], self.targets[index], index, self.mask[index]
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Character-level next-token prediction on a text file or on Python's documentation.
 
     The corpus (Python's documentation topics when ``path`` is None, see :func:`default_corpus`,
@@ -359,32 +358,9 @@ class TextDataModule(L.LightningDataModule):
             for split, (a, b) in self.spans.items()
         }
         self.train_dataset, self.val_dataset, self.test_dataset = (datasets[s] for s in _SPLITS)
-        if self.shuffle_seed is None:
-            self.shuffle_seed = torch.initial_seed() % (2**31)
+        self.resolve_shuffle_seed()
 
     def example_input(self, n: int = 2) -> Tensor:
         """The first ``n`` training inputs (``[n, seq_len]`` long), to probe model shapes before training."""
         self.setup()
         return self.train_dataset.inputs[:n]
-
-    def _loader(self, dataset: TokenChunkDataset, train: bool) -> DataLoader:
-        sampler = EpochShuffleSampler(dataset, seed=self.shuffle_seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False)
