@@ -4,7 +4,9 @@ from lightning_distill.data.cifar import CIFARDataModule
 from lightning_distill.data.common import EpochShuffleSampler, IndexedDataset, TensorClassificationDataset
 from lightning_distill.data.digits import DigitsDataModule
 from lightning_distill.data.text import CharTokenizer, TextDataModule
-from lightning_distill.data.transfer import TransferBatchSampler, TransferDataModule, UnlabeledDataset
+from lightning_distill.data.transfer import TransferDataModule
+from lightning_distill.data.transfer_sampler import TransferBatchSampler
+from lightning_distill.data.transfer_sets import UnlabeledDataset
 
 __all__ = [
     "CIFARDataModule",

@@ -4,14 +4,14 @@ Hinton et al. 2015 note that the *transfer set* the student matches the teacher 
 labelled; Beyer et al. 2022 (arXiv:2106.05237) distil on heavily augmented and mixed inputs.
 This module adds such inputs to any labelled :class:`~lightning.LightningDataModule`:
 
-* :class:`UnlabeledDataset` -- unlabeled inputs from a map-style dataset (labels dropped), an
-  array file (``.npy`` / ``.pt``) or an image folder;
+* :class:`~lightning_distill.data.transfer_sets.UnlabeledDataset` -- unlabeled inputs from a
+  map-style dataset (labels dropped), an array file (``.npy`` / ``.pt``) or an image folder;
 * :class:`TransferDataModule` -- the labelled training set plus the transfer data (an
   :class:`UnlabeledDataset` and / or a fixed :class:`~lightning_distill.augment.AugmentedDataset`
   of the labelled training inputs), mixed in every batch, in alternating batches, or
   concatenated; validation and test are the labelled module's, unchanged;
-* :class:`TransferBatchSampler` -- the resumable (seeded per epoch), DDP-aware batch sampler
-  behind it.
+* :class:`~lightning_distill.data.transfer_sampler.TransferBatchSampler` -- the resumable
+  (seeded per epoch), DDP-aware batch sampler behind it.
 
 Batches stay ``(input, target, index)``. Transfer samples carry ``target == ignore_index``
 (-100): the hard-label loss averages over labelled samples only, so they are trained by the
@@ -23,410 +23,27 @@ never collides.
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Callable, Iterator, Optional, Sized, Union
+from typing import Any, Callable, Optional, Sized, Union
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 
-from lightning_distill.augment import AugmentedDataset, _check_affine_args, _check_alpha, _derive_seed
-from lightning_distill.data.common import EpochShuffleSampler, check_positive_int
+from lightning_distill.augment import AugmentedDataset, _check_affine_args, _check_alpha
+from lightning_distill.data.common import EpochShuffleSampler
+from lightning_distill.data.transfer_sampler import TransferBatchSampler, check_batching
+from lightning_distill.data.transfer_sets import UnlabeledDataset, _CombinedDataset
+from lightning_distill.validation import check_int
 
 __all__ = ["TransferBatchSampler", "TransferDataModule", "UnlabeledDataset"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-ARRAY_SUFFIXES = (".npy", ".pt", ".pth")
-MODES = ("mix", "alternate", "concat", "transfer_only")
 
-
-def _no_label(ignore_index: int) -> Tensor:
-    return torch.tensor(ignore_index, dtype=torch.long)
-
-
-class UnlabeledDataset(Dataset):
-    """Unlabeled inputs as ``(input, ignore_index, index)`` samples.
-
-    ``source`` is one of
-
-    * a map-style dataset: its samples' element 0 is the input (a bare, non-tuple sample is the
-      input itself); labels are dropped;
-    * a tensor ``[N, ...]`` of inputs;
-    * the path of an array file: ``.npy`` (read with ``numpy.load(allow_pickle=False)``) or
-      ``.pt`` / ``.pth`` (read with ``torch.load(weights_only=True)``: a file can never run code)
-      holding a floating-point array ``[N, ...]``, or, for ``.pt``, a dict with that tensor under
-      the key ``"inputs"``; values are converted to float32 and used as they are (scale them
-      like the labelled inputs);
-    * the path of a folder: every image file below it, recursively (``.png``, ``.jpg``, ...;
-      sorted by path), opened with PIL and converted to RGB as torchvision's ``ImageFolder``
-      does, then passed through ``transform`` (default ``ToTensor()``; e.g. add ``Grayscale(1)``
-      and ``Resize`` to match the labelled inputs). Class sub-folders are allowed and ignored.
-
-    ``transform`` is applied to every input (of any source) when given.
-
-    Args:
-        source: dataset, tensor, array-file path or image-folder path.
-        transform: callable applied to each input.
-        ignore_index: the target every sample carries.
-
-    Example::
-
-        >>> from torch.utils.data import TensorDataset
-        >>> ds = UnlabeledDataset(TensorDataset(torch.rand(5, 1, 8, 8), torch.arange(5)))
-        >>> x, y, index = ds[3]
-        >>> len(ds), tuple(x.shape), int(y), index
-        (5, (1, 8, 8), -100, 3)
-    """
-
-    def __init__(
-        self,
-        source: Union[str, os.PathLike, Dataset, Tensor],
-        transform: Optional[Callable[[Any], Any]] = None,
-        ignore_index: int = -100,
-    ) -> None:
-        if transform is not None and not callable(transform):
-            raise TypeError(f"`transform` must be callable or None, got {type(transform).__name__}.")
-        self.transform = transform
-        self.ignore_index = int(ignore_index)
-        self.inputs: Optional[Tensor] = None
-        self.files: Optional[list[str]] = None
-        self.dataset: Optional[Dataset] = None
-        if isinstance(source, Tensor):
-            self.inputs = self._check_array(source, "the `source` tensor")
-        elif isinstance(source, (str, os.PathLike)):
-            path = os.fspath(source)
-            if os.path.isdir(path):
-                self.files = self._image_files(path)
-                if self.transform is None:
-                    from torchvision.transforms import ToTensor
-
-                    self.transform = ToTensor()
-            elif os.path.isfile(path):
-                self.inputs = self._load_array(path)
-            else:
-                raise FileNotFoundError(
-                    f"`source` {path!r} is neither a file nor a folder. Give an array file ({', '.join(ARRAY_SUFFIXES)}), "
-                    f"a folder of images, or a Dataset object."
-                )
-        elif isinstance(source, IterableDataset) or not (isinstance(source, Sized) and hasattr(source, "__getitem__")):
-            raise TypeError(
-                f"`source` must be a path (array file or image folder), a tensor, or a map-style Dataset (with __len__ "
-                f"and __getitem__), got {type(source).__name__}."
-            )
-        else:
-            self.dataset = source
-        if len(self) == 0:
-            raise ValueError(f"`source` {source!r} holds no samples: the transfer set would be empty.")
-
-    @staticmethod
-    def _check_array(array: Tensor, what: str) -> Tensor:
-        if not array.is_floating_point():
-            raise TypeError(
-                f"{what} must hold floating-point inputs, got dtype {array.dtype}; convert and scale them like the "
-                f"labelled inputs before saving (e.g. images as `x.float() / 255`)."
-            )
-        if array.dim() < 1:
-            raise ValueError(f"{what} must be an array [N, ...] with one row per sample, got a scalar.")
-        return array.float()
-
-    @classmethod
-    def _load_array(cls, path: str) -> Tensor:
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix == ".npy":
-            array = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict):
-                if not isinstance(obj.get("inputs"), Tensor):
-                    raise TypeError(
-                        f"{path!r} holds a dict without a tensor under the key 'inputs' (keys: {sorted(map(str, obj))}); "
-                        f"save `{{'inputs': x}}` or the tensor `x` itself."
-                    )
-                obj = obj["inputs"]
-            if not isinstance(obj, Tensor):
-                raise TypeError(f"{path!r} must hold a tensor [N, ...] or a dict {{'inputs': tensor}}, got {type(obj).__name__}.")
-            array = obj
-        else:
-            raise ValueError(
-                f"`source` {path!r} has an unsupported suffix {suffix!r}: array files must be one of {ARRAY_SUFFIXES}; "
-                f"for images, give the folder that holds them."
-            )
-        return cls._check_array(array, f"the array in {path!r}")
-
-    @staticmethod
-    def _image_files(folder: str) -> list[str]:
-        files = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(folder)
-            for name in names
-            if name.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        if not files:
-            raise ValueError(f"the folder {folder!r} (`source`) holds no image file with a suffix in {IMAGE_EXTENSIONS}.")
-        return files
-
-    def __len__(self) -> int:
-        if self.inputs is not None:
-            return len(self.inputs)
-        if self.files is not None:
-            return len(self.files)
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def _raw(self, index: int) -> Any:
-        if self.inputs is not None:
-            return self.inputs[index]
-        if self.files is not None:
-            from PIL import Image
-
-            with open(self.files[index], "rb") as f:
-                return Image.open(f).convert("RGB")
-        sample = self.dataset[index]  # type: ignore[index]
-        return sample[0] if isinstance(sample, (tuple, list)) else sample
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor, int]:
-        x = self._raw(index)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, _no_label(self.ignore_index), index
-
-
-class _CombinedDataset(Dataset):
-    """The labelled training set followed by the transfer set, with indices unique across both."""
-
-    def __init__(self, labeled: Dataset, transfer: Dataset, ignore_index: int) -> None:
-        self.labeled = labeled
-        self.transfer = transfer
-        self.n_labeled = len(labeled)  # type: ignore[arg-type]
-        self.n_transfer = len(transfer)  # type: ignore[arg-type]
-        self.ignore_index = ignore_index
-
-    def __len__(self) -> int:
-        return self.n_labeled + self.n_transfer
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor, int]:
-        index = int(index)
-        if index < self.n_labeled:
-            sample = self.labeled[index]
-            return sample[0], torch.as_tensor(sample[1]), index
-        return self.transfer[index - self.n_labeled][0], _no_label(self.ignore_index), index
-
-
-class TransferBatchSampler(BatchSampler):
-    """Batches of labelled indices ``[0, n_labeled)`` and transfer indices ``[n_labeled, n_labeled + n_transfer)``.
-
-    Modes (``b`` = ``batch_size``, ``f`` = ``unlabeled_fraction``):
-
-    * ``"mix"``: every batch holds ``k_u = round(b * f)`` (at least 1, at most ``b - 1``)
-      transfer samples after ``b - k_u`` labelled ones; an epoch is one pass over the
-      labelled set (each labelled sample once), i.e. ``ceil(n_labeled / (b - k_u))`` batches;
-      the last, shorter batch keeps the ratio;
-    * ``"alternate"``: whole labelled batches (one pass over the labelled set) and whole
-      transfer batches, ``round(n_labeled_batches * f / (1 - f))`` of them (at least 1), spread
-      evenly between the labelled ones -- ``f = 0.5`` alternates labelled / transfer;
-    * ``"concat"``: one shuffled pass over both sets together (``f`` is not used);
-    * ``"transfer_only"``: one shuffled pass over the transfer set, the labelled training set is
-      not used (data-free distillation from a synthetic set; ``f`` is not used).
-
-    Transfer samples are drawn, in ``"mix"`` and ``"alternate"``, from an endless stream of
-    seeded permutations of the transfer set that continues from one epoch to the next, so over
-    the epochs every transfer sample is used equally often and none twice before all were used.
-
-    The order depends only on ``(seed, epoch)``: the epoch is read from ``sampler.epoch``, and
-    Lightning calls ``set_epoch`` on the batch sampler's ``sampler`` at every epoch start (a
-    resumed run sees the same batches as an uninterrupted one). Call :meth:`set_epoch` yourself
-    outside a Trainer.
-
-    Distributed: each rank takes its share of the labelled order (padded by repetition to a
-    multiple of ``num_replicas``, like ``DistributedSampler``) and of the transfer stream and
-    builds its batches the same way, so every rank has the same number of batches and, in
-    ``"alternate"`` mode, the same kind of batch at the same step. ``num_replicas`` / ``rank``
-    come from ``sampler`` when it is a ``DistributedSampler`` (Lightning injects one this way
-    under DDP, re-creating this batch sampler with it), else from the arguments.
-
-    Args:
-        sampler: holds the epoch (``set_epoch`` / ``epoch``); its order is not used. ``None``
-            creates an :class:`~lightning_distill.data.common.EpochShuffleSampler`.
-        batch_size: samples per batch (per rank).
-        drop_last: drop the last labelled (and, in ``"concat"``, the last) batch if it is short.
-        n_labeled: size of the labelled set.
-        n_transfer: size of the transfer set.
-        mode: ``"mix"``, ``"alternate"``, ``"concat"`` or ``"transfer_only"``.
-        unlabeled_fraction: share of transfer samples (``"mix"``) or batches (``"alternate"``).
-        seed: seed of the order.
-        num_replicas: number of ranks (when ``sampler`` is not a ``DistributedSampler``).
-        rank: this process's rank (idem).
-
-    Example::
-
-        >>> bs = TransferBatchSampler(batch_size=4, n_labeled=6, n_transfer=100, seed=0)
-        >>> [sum(i >= 6 for i in batch) for batch in bs], len(bs)
-        ([2, 2, 2], 3)
-    """
-
-    def __init__(
-        self,
-        sampler: Optional[Sampler] = None,
-        batch_size: int = 64,
-        drop_last: bool = False,
-        *,
-        n_labeled: int,
-        n_transfer: int,
-        mode: str = "mix",
-        unlabeled_fraction: float = 0.5,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("n_labeled", n_labeled)
-        check_positive_int("n_transfer", n_transfer)
-        _check_mode(mode)
-        _check_fraction(unlabeled_fraction)
-        if mode == "mix" and batch_size < 2:
-            raise ValueError(
-                f"`batch_size` must be >= 2 in mode 'mix' (each batch holds labelled and transfer samples), got "
-                f"{batch_size!r}; use a larger batch_size or mode='alternate'."
-            )
-        if isinstance(sampler, DistributedSampler):
-            num_replicas, rank = sampler.num_replicas, sampler.rank
-        check_positive_int("num_replicas", num_replicas)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"`rank` must be an integer in [0, {num_replicas}) (num_replicas={num_replicas}), got {rank!r}.")
-        if sampler is None:
-            sampler = EpochShuffleSampler(range(n_labeled + n_transfer), seed=seed)
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.drop_last = bool(drop_last)
-        self.n_labeled = n_labeled
-        self.n_transfer = n_transfer
-        self.mode = mode
-        self.unlabeled_fraction = float(unlabeled_fraction)
-        self.seed = int(seed)
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.k_transfer = min(max(round(batch_size * self.unlabeled_fraction), 1), batch_size - 1)
-        self.k_labeled = batch_size - self.k_transfer
-        self._length = len(self._layout())
-
-    # ------------------------------------------------------------------ epoch
-    @property
-    def epoch(self) -> int:
-        return int(getattr(self.sampler, "epoch", 0))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order of ``epoch`` (forwarded to ``sampler.set_epoch``)."""
-        self.sampler.set_epoch(int(epoch))  # type: ignore[attr-defined]
-
-    # ------------------------------------------------------------------ orders
-    def _shard(self, order: Tensor) -> Tensor:
-        """This rank's share of ``order``, padded by repetition to a multiple of ``num_replicas``."""
-        per_rank = math.ceil(len(order) / self.num_replicas)
-        total = per_rank * self.num_replicas
-        if total > len(order):
-            order = order.repeat(math.ceil(total / len(order)))[:total]
-        return order[self.rank :: self.num_replicas]
-
-    def _perm(self, n: int, *key: int) -> Tensor:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(self.seed, *key)))
-
-    def _transfer_stream(self, epoch: int, count: int) -> Tensor:
-        """``count`` transfer indices of this rank for ``epoch``, from the endless stream of permutations."""
-        positions = (epoch * count + torch.arange(count)) * self.num_replicas + self.rank
-        block, offset = positions // self.n_transfer, positions % self.n_transfer
-        out = torch.empty(count, dtype=torch.long)
-        for b in block.unique().tolist():
-            where = block == b
-            out[where] = self._perm(self.n_transfer, 1, b)[offset[where]]
-        return out + self.n_labeled
-
-    def _layout(self) -> list[tuple[str, int]]:
-        """The epoch's batches as ``(kind, size)``: kind ``"L"`` labelled part, ``"U"`` transfer-only, ``"C"`` concat.
-
-        For ``"mix"`` the size is the labelled part (the transfer part follows from it). Depends
-        only on the sizes, so ``len`` is the same every epoch.
-        """
-        if self.mode == "concat":
-            m = math.ceil((self.n_labeled + self.n_transfer) / self.num_replicas)
-            return [("C", s) for s in self._chunks(m, self.batch_size)]
-        if self.mode == "transfer_only":
-            m = math.ceil(self.n_transfer / self.num_replicas)
-            return [("C", s) for s in self._chunks(m, self.batch_size)]
-        m = math.ceil(self.n_labeled / self.num_replicas)
-        if self.mode == "mix":
-            return [("L", s) for s in self._chunks(m, self.k_labeled)]
-        labeled = self._chunks(m, self.batch_size)
-        f = self.unlabeled_fraction
-        n_u = max(1, round(len(labeled) * f / (1.0 - f))) if labeled else 0
-        # labelled batch i at i / n_l, transfer batch j at (j + 1/2) / n_u: starts with a labelled batch,
-        # then each labelled batch is followed by its share of transfer batches (L U L U ... for f = 1/2)
-        keys = [(i / len(labeled), 0, "L", s) for i, s in enumerate(labeled)]
-        keys += [((j + 0.5) / n_u, 1, "U", self.batch_size) for j in range(n_u)]
-        return [(kind, size) for _, _, kind, size in sorted(keys)]
-
-    def _chunks(self, n: int, size: int) -> list[int]:
-        sizes = [size] * (n // size)
-        if n % size and not self.drop_last:
-            sizes.append(n % size)
-        return sizes
-
-    def _transfer_count(self, n_labeled_part: int) -> int:
-        if n_labeled_part == self.k_labeled:
-            return self.k_transfer
-        return max(1, round(n_labeled_part * self.k_transfer / self.k_labeled))
-
-    def batches(self, epoch: Optional[int] = None) -> list[list[int]]:
-        """This rank's batches of ``epoch`` (default: the current one)."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        layout = self._layout()
-        if self.mode in ("concat", "transfer_only"):
-            if self.mode == "concat":
-                order = self._shard(self._perm(self.n_labeled + self.n_transfer, 2, epoch)).tolist()
-            else:
-                order = (self._shard(self._perm(self.n_transfer, 3, epoch)) + self.n_labeled).tolist()
-            starts = np.cumsum([0] + [s for _, s in layout])
-            return [order[a : a + s] for a, (_, s) in zip(starts, layout)]
-        labeled = self._shard(self._perm(self.n_labeled, 0, epoch)).tolist()
-        if self.mode == "mix":
-            counts = [self._transfer_count(s) for _, s in layout]
-        else:
-            counts = [s if kind == "U" else 0 for kind, s in layout]
-        transfer = self._transfer_stream(epoch, sum(counts)).tolist()
-        out, li, ti = [], 0, 0
-        for (kind, size), count in zip(layout, counts):
-            batch = []
-            if kind == "L":
-                batch, li = labeled[li : li + size], li + size
-            batch, ti = batch + transfer[ti : ti + count], ti + count
-            out.append(batch)
-        return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        return self._length
-
-
-def _check_mode(mode: Any) -> None:
-    if mode not in MODES:
-        raise ValueError(
-            f"`mode` must be one of {MODES} ('mix': labelled and transfer samples in every batch; 'alternate': whole "
-            f"labelled and whole transfer batches in turn; 'concat': one shuffled set of both; 'transfer_only': the transfer "
-            f"set alone, e.g. a data-free synthetic set), got {mode!r}."
-        )
-
-
-def _check_fraction(fraction: Any) -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise ValueError(
-            f"`unlabeled_fraction` must be a number in (0, 1) -- the share of transfer samples per batch ('mix') or "
-            f"of transfer batches ('alternate'), e.g. 0.5 -- got {fraction!r}."
-        )
+def _from_labeled(name: str, doc: str) -> property:
+    """A read-only property that forwards ``name`` to the labelled module (``None`` if it has none)."""
+    return property(lambda self: getattr(self.labeled, name, None), doc=doc)
 
 
 class TransferDataModule(L.LightningDataModule):
@@ -533,11 +150,10 @@ class TransferDataModule(L.LightningDataModule):
                 f"`unlabeled` must be None, a path (array file .npy/.pt or image folder), a Dataset or a tensor, got "
                 f"{type(unlabeled).__name__}."
             )
-        if isinstance(augmented_copies, bool) or not isinstance(augmented_copies, int) or augmented_copies < 0:
-            raise ValueError(
-                f"`augmented_copies` must be an integer >= 0 (augmented versions of each labelled input; 0 = none), "
-                f"got {augmented_copies!r}."
-            )
+        check_int(
+            "augmented_copies", augmented_copies, minimum=0,
+            hint=" It counts the augmented versions of each labelled input; 0 = none.",
+        )  # fmt: skip
         if unlabeled is None and augmented_copies == 0:
             raise ValueError(
                 "TransferDataModule has no transfer data: `unlabeled` is None and `augmented_copies` is 0. Set "
@@ -546,10 +162,7 @@ class TransferDataModule(L.LightningDataModule):
             )
         _check_affine_args(augment_degrees, augment_translate, augment_scale, prefix="augment_")
         _check_alpha("augment_mixup_alpha", augment_mixup_alpha)
-        if isinstance(augment_seed, bool) or not isinstance(augment_seed, int):
-            raise TypeError(f"`augment_seed` must be an int, got {augment_seed!r}.")
-        _check_mode(mode)
-        _check_fraction(unlabeled_fraction)
+        check_int("augment_seed", augment_seed, type_error=True)
         if batch_size is None:
             batch_size = getattr(labeled, "batch_size", None)
             if batch_size is None:
@@ -557,18 +170,19 @@ class TransferDataModule(L.LightningDataModule):
                     f"`batch_size` is None and the labelled module {type(labeled).__name__} has no `batch_size` "
                     f"attribute to take it from: set `batch_size`."
                 )
-        check_positive_int("batch_size", batch_size)
-        if mode == "mix" and batch_size < 2:
-            raise ValueError(
-                f"`batch_size` must be >= 2 in mode 'mix' (each batch holds labelled and transfer samples), got "
-                f"{batch_size!r}; use a larger batch_size or mode='alternate'."
-            )
+        check_batching(mode, unlabeled_fraction, batch_size)
         if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
             raise TypeError(f"`shuffle_seed` must be an int or None, got {shuffle_seed!r}.")
         if unlabeled_transform is not None and not callable(unlabeled_transform):
-            raise TypeError(f"`unlabeled_transform` must be callable or None, got {type(unlabeled_transform).__name__}.")
-        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0):
-            raise ValueError(f"`num_workers` must be an integer >= 0 or None (= the labelled module's), got {num_workers!r}.")
+            raise TypeError(
+                f"`unlabeled_transform` must be callable or None, got {type(unlabeled_transform).__name__}."
+            )
+        if num_workers is not None and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ValueError(
+                f"`num_workers` must be an integer >= 0 or None (= the labelled module's), got {num_workers!r}."
+            )
         self.labeled = labeled
         self.unlabeled = unlabeled
         self.augmented_copies = augmented_copies
@@ -588,21 +202,10 @@ class TransferDataModule(L.LightningDataModule):
         self.transfer_dataset: Optional[ConcatDataset] = None
 
     # ------------------------------------------------------------------ delegated to `labeled`
-    @property
-    def num_classes(self) -> Any:
-        return getattr(self.labeled, "num_classes", None)
-
-    @property
-    def input_shape(self) -> Any:
-        return getattr(self.labeled, "input_shape", None)
-
-    @property
-    def val_dataset(self) -> Any:
-        return getattr(self.labeled, "val_dataset", None)
-
-    @property
-    def test_dataset(self) -> Any:
-        return getattr(self.labeled, "test_dataset", None)
+    num_classes = _from_labeled("num_classes", "The labelled module's number of classes.")
+    input_shape = _from_labeled("input_shape", "The labelled module's input shape (without the batch dimension).")
+    val_dataset = _from_labeled("val_dataset", "The labelled module's validation set.")
+    test_dataset = _from_labeled("test_dataset", "The labelled module's test set.")
 
     @property
     def n_labeled(self) -> int:
