@@ -13,8 +13,8 @@ the GPU, ``torch.cuda.synchronize()`` before every clock read); ``--precision bf
 ``16-mixed`` (plain loop: ``torch.autocast(..., cache_enabled=False)`` with that dtype around the
 forwards and the loss, plus a ``GradScaler`` for float16, as Lightning's ``MixedPrecision`` plugin
 does; Lightning side: ``Trainer(precision=...)``); ``--channels-last`` (plain loop: models and input
-in ``torch.channels_last``; Lightning side: the module's ``channels_last=True``); ``--compile``
-(plain loop: ``nn.Module.compile()`` on student and teacher; Lightning side: ``compile="both"``,
+in ``torch.channels_last``; Lightning side: the ``ChannelsLast`` callback); ``--compile``
+(plain loop: ``nn.Module.compile()`` on student and teacher; Lightning side: ``CompileModels("both")``,
 which does the same when fitting starts; both sides then get an untimed warm-up so compilation is
 never timed). ``--device cuda`` without a CUDA device prints "skipped: no CUDA device" and exits 0.
 Run by hand, not in the test suite:
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_distill import KnowledgeDistillation
+from lightning_distill.callbacks import ChannelsLast, CompileModels
 from lightning_distill.losses import kd_loss
 from lightning_distill.models import DigitsCNN, DigitsMLP, ResNet8x4, ResNet32x4
 
@@ -151,14 +152,14 @@ def lightning_fit(teacher, student, x, y, steps, temperature=4.0, alpha=0.9, set
     module = KnowledgeDistillation(
         student, teacher, temperature=temperature, alpha=alpha, num_classes=num_classes or int(y.max()) + 1,
         optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9),
-        channels_last=settings.channels_last, compile="both" if settings.compile else None,
     )
     module.example_input_array = x[:2]
     timer = _StepTimer(settings)
+    extra = ([ChannelsLast()] if settings.channels_last else []) + ([CompileModels("both")] if settings.compile else [])
     trainer = L.Trainer(
         accelerator=settings.device, devices=1, precision=settings.precision, max_steps=steps, max_epochs=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, *extra],
     )
     trainer.fit(module, train_dataloaders=_loader(x, y, steps))
     return timer.seconds / steps

@@ -1,8 +1,9 @@
 """lightning_distill: knowledge distillation strategies as PyTorch Lightning modules.
 
-Every strategy is a :class:`DistillationModule` that wraps a frozen teacher (see the teacher
-contract in :mod:`lightning_distill.strategies.base`); :class:`Classifier` trains teachers and
-no-KD baselines. Run them from YAML with ``lightning-distill fit --config configs/...``.
+Every strategy is a :class:`DistillationModule` (:mod:`lightning_distill.distiller`): a student, a teacher
+source (:mod:`lightning_distill.teachers`, which carries the frozen-teacher contract) and weighted
+objectives (:mod:`lightning_distill.objectives`); :class:`Classifier` trains teachers and no-KD baselines.
+Run them from YAML with ``lightning-distill fit --config configs/...``.
 """
 
 from lightning_distill.classifier import Classifier

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from lightning_distill.batch import Batch, unpack_batch
+from lightning_distill.losses import cross_entropy_loss
 from lightning_distill.module import TrainingModule
+from lightning_distill.outputs import ModelOutputs, as_outputs
 
 __all__ = ["Classifier"]
 
@@ -45,42 +48,34 @@ class Classifier(TrainingModule):
         self.model = model
         self.label_smoothing = label_smoothing
 
-    def forward(self, inputs: Any) -> Tensor:
+    def forward(self, inputs: Any) -> Any:
         return self.model(inputs)
 
-    def task_loss(self, logits: Tensor, target):  # type: ignore[override]
-        if self.label_smoothing == 0.0 or target is None:
-            return super().task_loss(logits, target)
-        import torch.nn.functional as F
+    def logits(self, batch: Batch) -> Tensor:
+        """The model's logits for ``batch`` (any output type, :func:`~lightning_distill.outputs.as_outputs`)."""
+        return as_outputs(self.model(batch.input), "the model").logits
 
-        flat_t = target.reshape(-1)
-        total = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            flat_t,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            reduction="sum",
-        )
-        return total / (flat_t != self.ignore_index).sum().clamp_min(1)
+    def task_loss(self, logits: Tensor, target: Optional[Tensor]) -> Tensor:
+        return cross_entropy_loss(logits, target, self.ignore_index, self.label_smoothing)
 
-    def probe_outputs(self, example: Any) -> tuple[Tensor, None]:
-        return self.model(example), None
+    def probe_outputs(self, batch: Batch) -> tuple[ModelOutputs, None]:
+        return as_outputs(self.model(batch.input), "the model"), None
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        b = self.unpack_batch(batch)
-        loss = self.task_loss(self.model(b.input), b.target)
+        b = unpack_batch(batch)
+        loss = self.task_loss(self.logits(b), b.target)
         n = self.batch_size_of(b)
         self.log("train/task_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        b = self.unpack_batch(batch)
-        self.update_eval_metrics("val", self.model(b.input), b.target)
+        b = unpack_batch(batch)
+        self.update_eval_metrics("val", self.logits(b), b.target)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        b = self.unpack_batch(batch)
-        self.update_eval_metrics("test", self.model(b.input), b.target)
+        b = unpack_batch(batch)
+        self.update_eval_metrics("test", self.logits(b), b.target)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self.model(self.unpack_batch(batch).input)
+        return self.logits(unpack_batch(batch))

@@ -2,7 +2,9 @@
 
 Layers are named as in ``model.named_modules()`` (``"layer2"``, ``"blocks.3"``,
 ``"block2.0"``). A module's output may be a tensor or a tuple / list (e.g. a transformer block
-returning ``(hidden, attention)``); ``select`` picks the element.
+returning ``(hidden, attention)``); ``select`` picks the element. A name ending in ``":input"``
+(``"head:input"``) captures what *enters* that module (its first positional argument) instead --
+e.g. the pooled feature a classifier layer reads.
 
 Example::
 
@@ -25,10 +27,16 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-__all__ = ["LAYER_MAPPINGS", "FeatureCapture", "check_layer_names", "layer_names", "map_layers"]
+__all__ = ["INPUT_SUFFIX", "LAYER_MAPPINGS", "FeatureCapture", "check_layer_names", "layer_names", "map_layers"]
 
 #: Strategies of :func:`map_layers`.
 LAYER_MAPPINGS = ("uniform", "skip", "last")
+#: a layer name with this suffix captures the module's input rather than its output
+INPUT_SUFFIX = ":input"
+
+
+def _module_name(name: str) -> str:
+    return name[: -len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -40,7 +48,7 @@ def check_layer_names(model: nn.Module, names: Sequence[str], role: str, argumen
     """Raise a ValueError listing valid names when any of ``names`` is not a submodule of ``model``."""
     valid = layer_names(model)
     valid_set = set(valid)
-    unknown = [n for n in names if n not in valid_set]
+    unknown = [n for n in (_module_name(n) for n in names) if n not in valid_set]
     if not unknown:
         return
     hints = []
@@ -131,7 +139,12 @@ class FeatureCapture:
         self._versions: dict[str, int] = {}
         self._active = False
         modules = dict(model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in layers]
+        self._handles = [
+            modules[_module_name(name)].register_forward_pre_hook(self._hook(name))
+            if name.endswith(INPUT_SUFFIX)
+            else modules[name].register_forward_hook(self._hook(name))
+            for name in layers
+        ]
 
     def _index(self, name: str) -> int:
         if isinstance(self.select, Mapping):
@@ -142,9 +155,11 @@ class FeatureCapture:
         # a partial of a bound method (not a closure), so models carrying these hooks stay picklable
         return functools.partial(self._record, name)
 
-    def _record(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    def _record(self, name: str, module: nn.Module, args: Any, output: Any = None) -> None:
         if not self._active:
             return
+        if name.endswith(INPUT_SUFFIX):  # a pre-hook: the module's first positional input
+            output = args[0] if args else None
         if isinstance(output, (tuple, list)):
             index = self._index(name)
             if not -len(output) <= index < len(output):

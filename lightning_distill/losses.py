@@ -34,6 +34,7 @@ __all__ = [
     "confidence_weights",
     "cka_loss",
     "cosine_feature_loss",
+    "cross_entropy_loss",
     "info_nce_loss",
     "kd_loss",
     "kl_per_position",
@@ -269,6 +270,34 @@ def kd_loss(
     if valid is not None:
         return total / valid.sum().clamp_min(1)
     return total / max(per_pos.numel(), 1)
+
+
+def cross_entropy_loss(
+    logits: Tensor, target: Optional[Tensor], ignore_index: int = -100, label_smoothing: float = 0.0
+) -> Tensor:
+    """Hard-label cross-entropy averaged over labelled samples / tokens only (the task term).
+
+    ``[N, C]`` logits with ``[N]`` targets or ``[N, L, C]`` with ``[N, L]``; entries equal to
+    ``ignore_index`` do not count, so a half-labelled batch averages over its labelled half. Returns
+    0 (not NaN) when nothing is labelled or ``target`` is ``None``. Float32, whatever the logits' dtype.
+
+    Example::
+
+        >>> import torch
+        >>> z = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> round(cross_entropy_loss(z, torch.tensor([0, -100])).item(), 4)  # the first sample only
+        0.1269
+        >>> cross_entropy_loss(z, None).item()
+        0.0
+    """
+    if target is None:
+        return logits.new_zeros((), dtype=torch.float32)
+    flat_target = target.reshape(-1)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), flat_target, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction="sum",
+    )
+    return total / (flat_target != ignore_index).sum().clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------

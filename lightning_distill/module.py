@@ -1,6 +1,6 @@
-"""``TrainingModule``: what :class:`Classifier` and every distillation strategy share.
+"""``TrainingModule``: what :class:`Classifier` and every distillation module share.
 
-* batch unpacking -- ``(input, target)``, ``(input, target, index)`` or a dict;
+* batches read through :func:`lightning_distill.batch.unpack_batch` (tuples, dicts, tensors);
 * the hard-label task loss (cross-entropy with an ignore index, for ``[N, C]`` and ``[N, L, C]``);
 * optimizer and LR-scheduler configuration injected as callables, so they work from YAML::
 
@@ -14,86 +14,39 @@
             init_args: {T_max: 240}
 
   and from Python: ``optimizer=functools.partial(torch.optim.SGD, lr=0.05)``;
-* validation / test metrics from torchmetrics (``val/acc``, ``val/acc_top5`` when there are more
-  than 5 classes, ``val/ece``, ``val/loss``; ``val/perplexity`` for token-level logits
-  ``[N, L, V]``, where accuracy and agreement are per valid token) and a shape probe before training.
+* a shape probe before training (:mod:`lightning_distill.probe`) that checks the models against each
+  other and against the data, and builds whatever depends on their shapes -- from
+  ``example_input_array``, the datamodule, or the first batch of dataloaders passed to ``fit``;
+* validation / test metrics (:mod:`lightning_distill.metrics`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["Batch", "OptimizerFactory", "Perplexity", "SchedulerFactory", "TrainingModule"]
+from lightning_distill.batch import Batch, batch_size_of, unpack_batch
+from lightning_distill.losses import cross_entropy_loss
+from lightning_distill.metrics import Perplexity, build_eval_metrics
+from lightning_distill.outputs import ModelOutputs, as_outputs
+from lightning_distill.probe import Probe, batch_from_spec, batch_spec
+from lightning_distill.validation import check_choice
+
+__all__ = ["Batch", "OptimizerFactory", "Perplexity", "SchedulerFactory", "TrainingModule", "unpack_batch"]
 
 OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]
 
 _INTERVALS = ("epoch", "step")
-
-
-class Batch(NamedTuple):
-    """A batch in the one shape every strategy reads.
-
-    ``target`` may be ``None`` (no labels) and may contain ``ignore_index`` entries; ``mask``
-    (``[N, L]``, True where valid) is for token-level data.
-    """
-
-    input: Any
-    target: Optional[Tensor] = None
-    index: Optional[Tensor] = None
-    mask: Optional[Tensor] = None
-
-
-_INPUT_KEYS = ("input", "inputs", "x", "input_ids", "image", "images")
-_TARGET_KEYS = ("target", "targets", "y", "label", "labels")
-_MASK_KEYS = ("mask", "attention_mask")
-
-
-def unpack_batch(batch: Any) -> Batch:
-    """Normalise a dataloader batch into a :class:`Batch`."""
-    if isinstance(batch, Batch):
-        return batch
-    if isinstance(batch, dict):
-
-        def first(keys: tuple[str, ...]) -> Any:
-            return next((batch[k] for k in keys if k in batch), None)
-
-        inp = first(_INPUT_KEYS)
-        if inp is None:
-            raise ValueError(f"a dict batch needs one of the keys {_INPUT_KEYS}, got keys {sorted(batch)}.")
-        return Batch(inp, first(_TARGET_KEYS), batch.get("index"), first(_MASK_KEYS))
-    if isinstance(batch, (tuple, list)):
-        if 1 <= len(batch) <= 4:
-            return Batch(*batch)
-        raise ValueError(f"a tuple batch must be (input[, target[, index[, mask]]]), got {len(batch)} elements.")
-    if isinstance(batch, Tensor):
-        return Batch(batch)
-    raise TypeError(f"cannot read a batch of type {type(batch).__name__}.")
-
-
-def _check_choice(name: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"`{name}` must be one of {valid}, got {value!r}.")
-
-
-class Perplexity(torchmetrics.MeanMetric):
-    """exp of the mean token cross-entropy: update with per-token losses (``reduction="none"``).
-
-    Unlike ``torchmetrics.text.Perplexity`` (which takes ``log(softmax(logits))`` and so returns
-    ``inf`` for the whole epoch once one target's probability underflows float32), the per-token
-    losses come from ``log_softmax`` and stay finite.
-    """
-
-    def compute(self) -> Tensor:
-        return super().compute().exp()
+#: this package's entry in a Lightning checkpoint
+CKPT_KEY = "lightning_distill"
 
 
 class TrainingModule(L.LightningModule):
@@ -105,8 +58,8 @@ class TrainingModule(L.LightningModule):
         lr_scheduler: a callable taking the optimizer and returning a scheduler, or ``None``.
         lr_scheduler_interval: ``"epoch"`` or ``"step"`` -- when the scheduler steps.
         lr_scheduler_monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
-        num_classes: optional; found by a probe forward before training when not given, and
-            checked against the datamodule's ``num_classes`` when it has one.
+        num_classes: optional; found by the probe when not given, and checked against the probe and
+            the datamodule's ``num_classes`` when it has one.
         ignore_index: target value that marks a sample / token without a label.
     """
 
@@ -120,7 +73,7 @@ class TrainingModule(L.LightningModule):
         ignore_index: int = -100,
     ) -> None:
         super().__init__()
-        _check_choice("lr_scheduler_interval", lr_scheduler_interval, _INTERVALS)
+        check_choice("lr_scheduler_interval", lr_scheduler_interval, _INTERVALS)
         if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 2):
             raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}.")
         self.optimizer_factory = optimizer
@@ -131,36 +84,24 @@ class TrainingModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.eval_metrics: Optional[nn.ModuleDict] = None
         self.token_level = False  # set by the probe: logits [N, L, V] (language models)
+        self._probe_spec: Optional[dict[str, Any]] = None  # what the probe ran on (saved in checkpoints)
+        self._probe_pending = False  # no example before training: probe the first batch
+        self._rebuild_optimizers = False  # the first batch's probe created trainable parts
 
     # ------------------------------------------------------------------ batches and losses
     unpack_batch = staticmethod(unpack_batch)
+    batch_size_of = staticmethod(batch_size_of)
 
     def task_loss(self, logits: Tensor, target: Optional[Tensor]) -> Tensor:
-        """Cross-entropy with hard labels, averaged over labelled samples / tokens only.
-
-        ``[N, C]`` logits with ``[N]`` targets or ``[N, L, C]`` with ``[N, L]``; entries equal
-        to ``ignore_index`` do not count. Returns 0 (not NaN) when nothing is labelled.
-        """
-        if target is None:
-            return logits.new_zeros((), dtype=torch.float32)
-        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-        flat_target = target.reshape(-1)
-        total = F.cross_entropy(flat_logits, flat_target, ignore_index=self.ignore_index, reduction="sum")
-        count = (flat_target != self.ignore_index).sum()
-        return total / count.clamp_min(1)
-
-    @staticmethod
-    def batch_size_of(batch: Batch) -> int:
-        inp = batch.input
-        return int(inp.shape[0]) if isinstance(inp, Tensor) else len(inp)
+        """Cross-entropy with hard labels, averaged over labelled samples / tokens only (0 when none)."""
+        return cross_entropy_loss(logits, target, self.ignore_index)
 
     # ------------------------------------------------------------------ optimizers
     def parameter_groups(self) -> list[dict]:
         """Parameter groups handed to the optimizer: every trainable parameter by default.
 
-        Strategies with their own learning rates (projections, temperatures) override this and
-        return several groups; frozen modules never appear because their parameters have
-        ``requires_grad=False`` and :meth:`frozen_parameters` filters them out as well.
+        Modules with their own learning rates (projections, temperatures) return several groups;
+        frozen modules never appear (``requires_grad=False``, and :meth:`frozen_parameters` filters them).
         """
         frozen = {id(p) for p in self.frozen_parameters()}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in frozen]
@@ -188,26 +129,158 @@ class TrainingModule(L.LightningModule):
             config["monitor"] = self.lr_scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
 
-    # ------------------------------------------------------------------ probing and metrics
-    def example_input(self) -> Any:
-        """A small real input for shape probes: ``example_input_array`` or the datamodule's."""
-        if self.example_input_array is not None:
-            return self.example_input_array
+    # ------------------------------------------------------------------ probing
+    @property
+    def probed(self) -> bool:
+        """Whether the probe has run (the metrics and every shape-dependent part exist)."""
+        return self.eval_metrics is not None
+
+    def _datamodule(self) -> Any:
         trainer = self._trainer
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if dm is not None and callable(getattr(dm, "example_input", None)):
-            return dm.example_input()
-        if dm is not None:
-            try:
-                return unpack_batch(next(iter(dm.train_dataloader()))).input
-            except Exception:  # noqa: BLE001 - a datamodule without a train loader (test-only use)
-                pass
-        return None
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def example_batch(self) -> Optional[Batch]:
+        """A small real batch for the probe: ``example_input_array`` or the datamodule's; ``None`` if neither.
+
+        Raises:
+            ValueError: the datamodule's training loader yields no batch (an empty training set).
+        """
+        if self.example_input_array is not None:
+            example = self.example_input_array
+            return Batch(None, inputs=dict(example)) if isinstance(example, dict) else Batch(example)
+        dm = self._datamodule()
+        if dm is None:
+            return None
+        if callable(getattr(dm, "example_input", None)):
+            return unpack_batch(dm.example_input())
+        try:
+            loader = dm.train_dataloader()
+        except Exception:  # noqa: BLE001 - a datamodule without a train loader (test-only use)
+            return None
+        try:
+            return unpack_batch(next(iter(loader)))
+        except StopIteration:
+            raise ValueError(self._empty_training_set_message(loader)) from None
+
+    @staticmethod
+    def _empty_training_set_message(loader: Any) -> str:
+        size = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else "?"
+        return (
+            f"the training set is empty: its DataLoader yields no batch (dataset of {size} samples). Check the data "
+            "path / split, or that drop_last=True does not drop the only (incomplete) batch."
+        )
+
+    def training_set_size(self) -> Optional[int]:
+        """Number of training samples, when the datamodule or the training DataLoader tells it."""
+        dm = self._datamodule()
+        dataset = getattr(dm, "train_dataset", None)
+        if dataset is None and self._trainer is not None:
+            loader = self._trainer.train_dataloader
+            dataset = getattr(loader, "dataset", None)
+        try:
+            return len(dataset) if dataset is not None else None
+        except TypeError:
+            return None
+
+    def setup(self, stage: str) -> None:
+        """Probe the models on a real batch before anything runs, then build the metrics.
+
+        Rejects a class-count mismatch (model vs teacher vs datamodule) before any step. Without an
+        example (dataloaders passed straight to ``trainer.fit``), the probe runs on the first batch
+        instead (:meth:`on_train_batch_start`), still before the first optimizer step.
+        """
+        if self.probed:
+            return
+        batch = self.example_batch()
+        if batch is None:
+            if self.num_classes is not None and not self.needs_probe():
+                # nothing to build from shapes and the class count is given: no probe (and no extra forward)
+                self.eval_metrics = self.build_metrics(int(self.num_classes), self.has_teacher).to(self.device)
+                return
+            self._probe_pending = True
+            return
+        self.run_probe(batch, stage)
+
+    def needs_probe(self) -> bool:
+        """Whether parts still wait for the probe (see :meth:`DistillationModule.needs_probe`)."""
+        return False
+
+    def build(self, example: Any, stage: str = "build") -> None:
+        """Run the probe on ``example`` now (an input or a batch): what ``setup`` does, e.g. before
+        ``load_state_dict`` of a module that was never fitted."""
+        self.run_probe(example if isinstance(example, Batch) else Batch(example), stage)
+
+    def run_probe(self, batch: Batch, stage: str = "fit", num_samples: Optional[int] = None) -> None:
+        """Probe on ``batch``, then build every shape-dependent part (:meth:`on_probe`) and the metrics -- all in
+        eval mode under ``no_grad``. The checkpoint keeps the spec of its first samples (:func:`batch_spec`)."""
+        if num_samples is None and stage != "load":
+            num_samples = self.training_set_size()
+        with self._probing():
+            student, teacher = self.probe_outputs(batch)
+            probe = Probe(batch, student, teacher, num_samples, getattr(self, "student", None), stage)
+            num_classes = self.on_probe(probe)
+        self._probe_spec = {"batch": batch_spec(batch), "num_samples": num_samples}
+        self.eval_metrics = self.build_metrics(num_classes, self.has_teacher).to(self.device)
+        self._probe_pending = False
+
+    @contextmanager
+    def _probing(self) -> Iterator[None]:
+        """Eval mode and ``no_grad`` (no BatchNorm update, no dropout); afterwards every submodule gets its
+        train / eval flag back, and modules created meanwhile get the module's own flag."""
+        modes = {id(m): m.training for m in self.modules()}
+        was_training = self.training
+        nn.Module.train(self, False)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module in self.modules():
+                module.training = modes.get(id(module), was_training)
+
+    def probe(self, batch: Any) -> tuple[ModelOutputs, Optional[ModelOutputs]]:
+        """:meth:`probe_outputs` of ``batch`` (a batch or an input) in eval mode under ``no_grad``."""
+        with self._probing():
+            return self.probe_outputs(batch if isinstance(batch, Batch) else Batch(batch))
+
+    def probe_outputs(self, batch: Batch) -> tuple[ModelOutputs, Optional[ModelOutputs]]:
+        """``(trained model outputs, teacher outputs or None)`` for the probe ``batch``."""
+        raise NotImplementedError
+
+    @property
+    def trained_model(self) -> nn.Module:
+        """The network whose accuracy ``val/acc`` reports."""
+        return getattr(self, "student", None) or self.model
+
+    def on_probe(self, probe: Probe) -> int:
+        """Check the probed output shapes; return the number of classes. Extend to build parts."""
+        output, teacher_output = probe.student.logits, (probe.teacher.logits if probe.teacher is not None else None)
+        n_out = int(output.shape[-1])
+        trained = self.trained_model
+        self.token_level = output.ndim == 3
+        if teacher_output is not None:
+            n_teacher = int(teacher_output.shape[-1])
+            teacher = getattr(self, "teacher", None)
+            if n_teacher != n_out and self.token_level:
+                raise ValueError(
+                    f"teacher and student have different vocabulary sizes: the teacher "
+                    f"({type(teacher).__name__}) outputs {n_teacher} logits per token, the student "
+                    f"({type(trained).__name__}) outputs {n_out}. Token-level distillation compares the "
+                    "two distributions token by token, so both must use the same tokenizer: build both "
+                    "with the same vocab_size (init_args.vocab_size in YAML)."
+                )
+            if n_teacher != n_out:
+                raise ValueError(
+                    f"teacher and student disagree on the number of classes: the teacher "
+                    f"({type(teacher).__name__}) outputs {n_teacher}, the student "
+                    f"({type(trained).__name__}) outputs {n_out}. Build both with the same "
+                    "num_classes (init_args.num_classes in YAML)."
+                )
+        self._check_num_classes(n_out, f"the model ({type(trained).__name__})")
+        self.num_classes = n_out
+        return n_out
 
     def datamodule_num_classes(self) -> Optional[int]:
-        trainer = self._trainer
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        value = getattr(dm, "num_classes", None)
+        value = getattr(self._datamodule(), "num_classes", None)
         return int(value) if isinstance(value, int) else None
 
     def _check_num_classes(self, found: int, source: str) -> None:
@@ -222,105 +295,77 @@ class TrainingModule(L.LightningModule):
     def has_teacher(self) -> bool:
         return getattr(self, "teacher", None) is not None
 
-    def setup(self, stage: str) -> None:
-        """Probe the models on a real input before training starts, then build the metrics.
-
-        Rejects a class-count mismatch (model vs teacher vs datamodule) before any step runs.
-        Strategies that create layers from probed shapes extend :meth:`on_probe`, which runs
-        while the module is still on the CPU and before the optimizer exists, so whatever it
-        creates is moved, optimised and checkpointed like any other submodule.
-        """
-        if self.eval_metrics is not None:
+    # -------------------------------------------------- the first batch's probe (dataloaders passed to fit)
+    def _probe_first_batch(self, batch: Any, stage: str) -> None:
+        if not self._probe_pending:
             return
-        example = self.example_input()
-        if example is None:
-            if self.num_classes is None:
+        trainer = self._trainer
+        before = {id(p) for p in self.parameters()}
+        modules_before = {id(m) for m in self.modules()}
+        self.run_probe(unpack_batch(batch), stage)
+        created = [p for p in self.parameters() if id(p) not in before and p.requires_grad]
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if fitting:  # parts built during the sanity check's validation will train: Lightning restores the
+            # train / eval flags it saw before validation, and these did not exist then
+            for module in self.modules():
+                if id(module) not in modules_before:
+                    module.training = True
+        if created and fitting:
+            if trainer.world_size > 1:
                 raise ValueError(
-                    f"{type(self).__name__} could not find an example input to probe the models: pass "
-                    "`num_classes`, set `example_input_array`, or use a datamodule with `example_input()`."
+                    f"{type(self).__name__} builds trained parts from a probe of the models, and found no example "
+                    "before the distributed model was set up (dataloaders passed straight to trainer.fit): their "
+                    "gradients would not be synchronised across processes. Set `module.example_input_array` to "
+                    "one input batch, or pass the data as a LightningDataModule."
                 )
-            num_classes = self.num_classes
-        else:
-            num_classes = self.on_probe(example, *self.probe(example))
-        self.eval_metrics = self.build_metrics(num_classes, with_teacher=self.has_teacher)
+            self._rebuild_optimizers = True
 
-    def probe(self, example: Any) -> tuple[Any, Any]:
-        """:meth:`probe_outputs` in eval mode under no_grad (no BatchNorm update, no RNG use);
-        every submodule's train/eval flag is restored exactly afterwards."""
-        modes = [(m, m.training) for m in self.modules()]
-        nn.Module.train(self, False)
-        try:
-            with torch.no_grad():
-                return self.probe_outputs(example)
-        finally:
-            for module, training in modes:
-                module.training = training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        self._probe_first_batch(batch, "fit")
+        if self._rebuild_optimizers:  # before the optimizer of this first step is read
+            self._rebuild_optimizers = False
+            self.trainer.strategy.setup_optimizers(self.trainer)
+        return None
 
-    def probe_outputs(self, example: Any) -> tuple[Any, Any]:
-        """``(trained model output, teacher output or None)`` for ``example``."""
-        raise NotImplementedError
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._probe_first_batch(batch, "validate")
 
-    def on_probe(self, example: Any, output: Any, teacher_output: Any) -> int:
-        """Check the probed output shapes; return the number of classes. Extend in subclasses."""
-        n_out = int(output.shape[-1])
-        trained = getattr(self, "student", None) or getattr(self, "model", None)
-        self.token_level = output.ndim == 3
-        if teacher_output is not None:
-            n_teacher = int(teacher_output.shape[-1])
-            if n_teacher != n_out and self.token_level:
-                raise ValueError(
-                    f"teacher and student have different vocabulary sizes: the teacher "
-                    f"({type(self.teacher).__name__}) outputs {n_teacher} logits per token, the student "
-                    f"({type(trained).__name__}) outputs {n_out}. Token-level distillation compares the "
-                    "two distributions token by token, so both must use the same tokenizer: build both "
-                    "with the same vocab_size (init_args.vocab_size in YAML)."
-                )
-            if n_teacher != n_out:
-                raise ValueError(
-                    f"teacher and student disagree on the number of classes: the teacher "
-                    f"({type(self.teacher).__name__}) outputs {n_teacher}, the student "
-                    f"({type(trained).__name__}) outputs {n_out}. Build both with the same "
-                    "num_classes (init_args.num_classes in YAML)."
-                )
-        self._check_num_classes(n_out, f"the model ({type(trained).__name__})")
-        self.num_classes = n_out
-        return n_out
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._probe_first_batch(batch, "test")
 
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._probe_first_batch(batch, "predict")
+
+    def on_fit_end(self) -> None:
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+        if trainer.global_step == 0 and trainer.limit_train_batches != 0 and loader is not None:
+            try:
+                empty = len(loader) == 0
+            except TypeError:
+                empty = False
+            if empty:
+                raise ValueError(self._empty_training_set_message(loader))
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(CKPT_KEY, {})["probe"] = self._probe_spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild every shape-dependent part from the saved probe spec, so that its weights can load."""
+        spec = checkpoint.get(CKPT_KEY, {}).get("probe")
+        if spec is not None and not self.probed:
+            self.run_probe(batch_from_spec(spec["batch"]), "load", spec.get("num_samples"))
+
+    # ------------------------------------------------------------------ metrics
     def build_metrics(self, num_classes: int, with_teacher: bool) -> nn.ModuleDict:
-        """One metric collection per evaluation stage (``val``, ``test``)."""
-
-        def collection() -> nn.ModuleDict:
-            metrics = {
-                "acc": torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                "ece": torchmetrics.classification.MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
-                "loss": torchmetrics.MeanMetric(),
-            }
-            if getattr(self, "token_level", False):
-                # exp of the mean cross-entropy over valid tokens (labels != ignore_index), see Perplexity
-                metrics["perplexity"] = Perplexity()
-            if num_classes > 5:
-                metrics["acc_top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=5, average="micro")
-            if with_teacher and getattr(self, "token_level", False):
-                metrics["teacher_perplexity"] = Perplexity()
-            if with_teacher:
-                metrics["agreement"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
-                metrics["kl"] = torchmetrics.MeanMetric()
-                metrics["teacher_acc"] = torchmetrics.classification.MulticlassAccuracy(
-                    num_classes, top_k=1, average="micro"
-                )
-            return nn.ModuleDict(metrics)
-
-        return nn.ModuleDict({"val": collection(), "test": collection()})
+        """One metric collection per evaluation stage (``val``, ``test``): :mod:`lightning_distill.metrics`."""
+        return build_eval_metrics(num_classes, self.token_level, with_teacher)
 
     def update_eval_metrics(
         self, stage: str, logits: Tensor, target: Optional[Tensor], teacher_logits: Optional[Tensor] = None
     ) -> None:
-        """Update and log ``{stage}/acc``, ``/acc_top5``, ``/ece``, ``/loss`` (+ teacher metrics).
-
-        ``{stage}/loss`` is the student's cross-entropy with the labels (comparable across
-        strategies and with the no-KD baseline), ``{stage}/agreement`` the share of samples where
-        the student's top-1 equals the teacher's, ``{stage}/kl`` the mean KL(p_T || p_S) at T=1.
-        """
+        """Update and log ``{stage}/acc``, ``/acc_top5``, ``/ece``, ``/loss`` (+ teacher metrics)."""
         from lightning_distill.losses import kl_per_position
 
         metrics = self.eval_metrics[stage]
@@ -357,3 +402,8 @@ class TrainingModule(L.LightningModule):
             prog_bar=False,
         )
         self.log(f"{stage}/acc", metrics["acc"], on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+
+    @staticmethod
+    def logits_of(output: Any) -> Tensor:
+        """The logits of any model output (:func:`lightning_distill.outputs.as_outputs`)."""
+        return output if isinstance(output, Tensor) else as_outputs(output).logits

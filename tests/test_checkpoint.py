@@ -26,7 +26,7 @@ from lightning_distill.checkpoint import extract_state_dict, load_weights, read_
 from lightning_distill.cli import DistillCLI
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP
-from lightning_distill.strategies import DistillationModule
+from lightning_distill.strategies import BornAgain
 from lightning_distill.zoo import ZOO_DIR, available, resolve
 
 pytestmark = pytest.mark.usefixtures("restore_global_state")
@@ -356,7 +356,7 @@ def test_unknown_zoo_name_lists_available():
 
 def test_teacher_checkpoint_without_teacher():
     with pytest.raises(ValueError, match=r"`teacher_checkpoint` was given but `teacher` is None"):
-        DistillationModule(DigitsMLP(), None, teacher_checkpoint="zoo:digits_cnn")
+        BornAgain(DigitsMLP(), teacher=None, teacher_checkpoint="zoo:digits_cnn")
     with pytest.raises(ValueError, match="needs a `teacher`"):
         KnowledgeDistillation(DigitsMLP(), None, teacher_checkpoint="zoo:digits_cnn")
 

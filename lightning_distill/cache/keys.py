@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
-from lightning_distill.module import _INPUT_KEYS
+from lightning_distill.batch import _INPUT_KEYS
 from lightning_distill.validation import check_int
 
 __all__ = ["FORMAT_VERSION", "cache_key", "check_deterministic", "dataset_fingerprint", "teacher_fingerprint"]

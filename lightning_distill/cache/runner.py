@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_distill.batch import unpack_batch
 from lightning_distill.cache.keys import _isolated_rng, _rank
 from lightning_distill.cache.storage import LOGITS
-from lightning_distill.module import unpack_batch
 
 __all__ = ["as_fields", "run_teacher"]
 

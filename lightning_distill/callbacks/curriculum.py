@@ -177,6 +177,7 @@ class ProgressiveCurriculum(L.Callback):
         # per-run
         self._source: Any = None
         self._original_loader: Optional[Callable[[], Any]] = None
+        self._subset: Optional[Subset] = None  # the current stage's training subset
         self._loss_sum: Optional[Tensor] = None
         self._loss_count = 0
 
@@ -205,6 +206,8 @@ class ProgressiveCurriculum(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # temperatures are set through the module's temperature interface (every Temperature of a
+        # DistillationModule: fixed, or a global learned one, whose value the curriculum then moves)
         for name, values in (("temperature", self.temperatures or self.temperature_schedule), ("alpha", self.alphas)):
             if values is None:
                 continue
@@ -212,15 +215,13 @@ class ProgressiveCurriculum(L.Callback):
                 raise ValueError(f"ProgressiveCurriculum sets `{name}` but {type(pl_module).__name__} has no such attribute.")
             try:
                 setattr(pl_module, name, getattr(pl_module, name))
-            except AttributeError as err:
+            except (AttributeError, ValueError) as err:
                 raise ValueError(f"ProgressiveCurriculum cannot set {type(pl_module).__name__}.{name}: {err}") from None
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
         original = getattr(source, "train_dataloader", None)
-        data_source = getattr(trainer.fit_loop, "_data_source", None)
-        passed_directly = data_source is not None and getattr(data_source, "instance", source) is not source
-        if not callable(original) or not is_overridden("train_dataloader", source) or passed_directly:
+        if not callable(original) or not is_overridden("train_dataloader", source):
             raise ValueError(
                 "ProgressiveCurriculum needs a LightningDataModule (or LightningModule) with `train_dataloader()`; "
                 "dataloaders passed directly to `fit` cannot be re-subset between stages."
@@ -238,6 +239,15 @@ class ProgressiveCurriculum(L.Callback):
             except AttributeError:
                 pass
         self._source, self._original_loader = None, None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # dataloaders passed to `fit` win over a module's own train_dataloader(): the stages would not apply
+        loader = trainer.train_dataloader
+        if self._subset is not None and getattr(loader, "dataset", self._subset) is not self._subset:
+            raise ValueError(
+                "ProgressiveCurriculum needs a LightningDataModule (or LightningModule) with `train_dataloader()`; "
+                "dataloaders passed directly to `fit` cannot be re-subset between stages."
+            )
 
     # ------------------------------------------------------------------ scoring
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -263,8 +273,11 @@ class ProgressiveCurriculum(L.Callback):
             for raw in tqdm(plain, desc="curriculum: scoring difficulty", disable=not show, leave=False):
                 raw = pl_module.transfer_batch_to_device(raw, pl_module.device, 0)
                 batch = unpack_batch(raw)
-                t_logits = teacher(batch.input) if teacher is not None else None
-                s_logits = student(batch.input) if student is not None else None
+                if callable(getattr(pl_module, "eval_logits", None)):  # the module's own input routing and teacher
+                    s_logits, t_logits = pl_module.eval_logits(batch)
+                else:
+                    t_logits = teacher(batch.input) if teacher is not None else None
+                    s_logits = student(batch.input) if student is not None else None
                 for column, signal in zip(columns, self.signals):
                     column.append(self._signal(signal, raw, batch, t_logits, s_logits, pl_module).float().cpu())
         finally:
@@ -307,7 +320,7 @@ class ProgressiveCurriculum(L.Callback):
         if loader.batch_size is None:
             raise ValueError("ProgressiveCurriculum needs a train DataLoader built with `batch_size` (not a batch_sampler).")
         n = max(1, math.ceil(self.fraction * len(self.order)))
-        subset = Subset(loader.dataset, self.order[:n])
+        subset = self._subset = Subset(loader.dataset, self.order[:n])
         return DataLoader(
             subset,
             batch_size=loader.batch_size,

@@ -12,16 +12,27 @@ from torch import Tensor
 __all__ = ["TemperatureMonitor", "used_temperature"]
 
 
+def _first_temperature(pl_module: Any) -> Any:
+    found = pl_module.temperatures() if callable(getattr(pl_module, "temperatures", None)) else {}
+    return next(iter(found.values()), None)
+
+
 def used_temperature(pl_module: Any) -> Optional[Union[float, Tensor]]:
-    """The temperature of the last training step: ``used_temperature()`` if the module has it
-    (learned ones, per sample in CTKD's instance mode), else its ``temperature`` attribute."""
-    getter = getattr(pl_module, "used_temperature", None)
-    if callable(getter):
-        value = getter()
-        if value is not None:
-            return value
+    """The temperature of the last training step, through the temperature interface of
+    :mod:`lightning_distill.temperature`: the module's first temperature's ``last`` value (per sample for
+    CTKD's instance mode) or its current ``value``; for other modules a numeric ``temperature`` attribute."""
+    temperature = _first_temperature(pl_module)
+    if temperature is not None:
+        return temperature.last if temperature.last is not None else temperature.value
     value = getattr(pl_module, "temperature", None)
     return value if isinstance(value, (int, float, Tensor)) and not isinstance(value, bool) else None
+
+
+def reversal_strength(pl_module: Any) -> Optional[float]:
+    """The gradient-reversal strength of a learned temperature (``None`` for the others)."""
+    temperature = _first_temperature(pl_module)
+    value = getattr(temperature, "reversal", None)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 class TemperatureMonitor(L.Callback):
@@ -36,10 +47,11 @@ class TemperatureMonitor(L.Callback):
       squares, min and max, so each rank logs the same numbers under the same keys: no deadlock,
       no rank-0-only values), plus a histogram (``temperature/histogram``) when a
       ``WandbLogger`` is attached;
-    * ``temperature/lambda`` -- the gradient-reversal strength, for strategies that have one (CTKD).
+    * ``temperature/lambda`` -- the gradient-reversal strength of a learned temperature (CTKD).
 
-    Checks in ``setup``: the trainer has a logger, and the module exposes a temperature
-    (``used_temperature()`` or a ``temperature`` attribute).
+    The temperature is read through the interface of :mod:`lightning_distill.temperature`
+    (``module.temperatures()``: ``last`` and ``reversal``), so fixed, scheduled and learned temperatures
+    are logged alike. Checks in ``setup``: the trainer has a logger, and the module has a temperature.
 
     Args:
         logging_interval: log every this many optimizer steps (>= 1).
@@ -69,9 +81,9 @@ class TemperatureMonitor(L.Callback):
             )
         if used_temperature(pl_module) is None:
             raise ValueError(
-                f"TemperatureMonitor: {type(pl_module).__name__} exposes no temperature (neither `used_temperature()` "
-                "nor a numeric `temperature` attribute). Use it with a strategy that distills at a temperature "
-                "(KnowledgeDistillation, FeatureDistillation, CTKD, ...)."
+                f"TemperatureMonitor: {type(pl_module).__name__} exposes no temperature (no "
+                "lightning_distill.temperature.Temperature in its modules, no numeric `temperature` attribute). Use "
+                "it with a strategy that distills at a temperature (KnowledgeDistillation, FeatureDistillation, CTKD, ...)."
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -82,9 +94,9 @@ class TemperatureMonitor(L.Callback):
         if value is None:
             return
         metrics = self._stats(trainer, pl_module, value)
-        lam = getattr(pl_module, "current_lambda", None)
-        if isinstance(lam, (int, float)):
-            metrics["temperature/lambda"] = float(lam)
+        lam = reversal_strength(pl_module)
+        if lam is not None:
+            metrics["temperature/lambda"] = lam
         # written straight to every logger at this step (as Lightning's LearningRateMonitor does), so the
         # interval is honoured whatever the Trainer's log_every_n_steps; loggers write on rank 0 only,
         # but every rank computed the same values under the same keys

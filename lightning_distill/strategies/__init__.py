@@ -1,6 +1,6 @@
-"""Distillation strategies: one LightningModule per file, all built on :class:`DistillationModule`."""
+"""Distillation strategies: presets over :class:`DistillationModule` (one file each) and the multi-model modules."""
 
-from lightning_distill.strategies.base import DistillationModule
+from lightning_distill.distiller import DistillationModule
 from lightning_distill.strategies.born_again import BornAgain
 from lightning_distill.strategies.crd import CRD
 from lightning_distill.strategies.ctkd import CTKD

@@ -11,20 +11,16 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
-from lightning_distill.losses import KL_MODES, kd_loss
-from lightning_distill.module import Batch
-from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
+from lightning_distill.batch import Batch, unpack_batch
+from lightning_distill.strategies.base import SingleTeacherDistillation
+from lightning_distill.strategies.kd import KDPreset, kd_objectives
+from lightning_distill.teachers import FrozenTeacher
+from lightning_distill.validation import check_int
 
 __all__ = ["BornAgain"]
 
 #: Key of this strategy's own entry in a Lightning checkpoint.
 _CKPT_KEY = "born_again"
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.{hint}")
-    return value
 
 
 def _generation_seed(seed: int, generation: int) -> int:
@@ -69,7 +65,7 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return frozen
 
 
-class BornAgain(DistillationModule):
+class BornAgain(KDPreset, SingleTeacherDistillation):
     r"""Born-Again Networks: generations of one architecture, each distilled from the previous one.
 
     Generation 1 learns from the labels (or, when ``teacher`` is given, distills from it).
@@ -94,8 +90,8 @@ class BornAgain(DistillationModule):
        ``requires_grad=False``, never in an optimizer) and writes its state dict to
        ``generation_{k}.pt`` next to the checkpoints (the ``ModelCheckpoint`` directory, else
        ``trainer.log_dir``, which is ``default_root_dir`` without a logger);
-    2. makes that copy the :attr:`teacher` -- it obeys the full teacher contract of
-       :class:`DistillationModule` (frozen, eval, no_grad forward, bit-identical);
+    2. makes that copy the :attr:`teacher` (a :class:`~lightning_distill.teachers.FrozenTeacher`) -- it
+       obeys the full teacher contract (frozen, eval, no_grad forward, bit-identical);
     3. re-initialises the student in place (``reset_parameters()`` on every submodule that has
        it, under an RNG seeded by ``(seed, generation)``);
     4. **restarts the optimizer and the LR scheduler**: ``trainer.strategy.setup_optimizers``
@@ -128,7 +124,8 @@ class BornAgain(DistillationModule):
             ``trainer.max_epochs / generations`` (which must divide evenly).
         teacher: optional frozen teacher of generation 1; ``None`` trains generation 1 from the
             labels only.
-        teacher_checkpoint: weights for ``teacher`` (see :class:`DistillationModule`).
+        teacher_checkpoint: weights for ``teacher`` (see
+            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`).
         temperature: softmax temperature ``T > 0`` of the KD term.
         alpha: weight of the KD term in [0, 1]; ``1 - alpha`` weighs the labels.
         kl: ``"forward"`` (Hinton), ``"reverse"``, ``"symmetric"`` or ``"js"``.
@@ -136,7 +133,7 @@ class BornAgain(DistillationModule):
             construction (``seed_everything`` / the CLI's ``seed_everything``). Saved in
             checkpoints.
         **kwargs: ``optimizer``, ``lr_scheduler``, ``save_teacher``, ... of
-            :class:`DistillationModule`.
+            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
 
     Example::
 
@@ -169,24 +166,20 @@ class BornAgain(DistillationModule):
         seed: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
-        _check_int("generations", generations, 1, " Use 1 for a single (plain or distilled) training run.")
+        check_int("generations", generations, minimum=1, hint=" Use 1 for a single (plain or distilled) training run.")
         if epochs_per_generation is not None:
-            _check_int(
-                "epochs_per_generation", epochs_per_generation, 1,
-                " Pass None to use trainer.max_epochs / generations.",
+            check_int(
+                "epochs_per_generation", epochs_per_generation, minimum=1,
+                hint=" Pass None to use trainer.max_epochs / generations.",
             )
-        self_temperature = check_temperature(temperature)
-        self_alpha = check_alpha(alpha)
-        if kl not in KL_MODES:
-            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"`seed` must be an integer >= 0 or None, got {seed!r}.")
-        super().__init__(student, teacher, teacher_checkpoint=teacher_checkpoint, **kwargs)
+        if seed is not None:
+            check_int("seed", seed, minimum=0, what="an integer >= 0 or None")
+        super().__init__(
+            student, teacher, teacher_checkpoint=teacher_checkpoint,
+            objectives=kd_objectives(alpha, temperature, kl), **kwargs,
+        )
         self.generations = generations
         self.epochs_per_generation = epochs_per_generation
-        self.temperature = self_temperature
-        self.alpha = self_alpha
-        self.kl = kl
         self.seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**31))
         #: the generation being trained (1-based)
         self.generation = 1
@@ -194,7 +187,7 @@ class BornAgain(DistillationModule):
         self.generation_models = nn.ModuleList()
         #: files written for finished generations, in order
         self.generation_paths: list[str] = []
-        self._user_teacher = (teacher,)  # a tuple: not registered as a submodule
+        self._user_source = (self.teacher_source,)  # a tuple: the user's teacher, restored by rebuild_generations
         self._resolved_epochs: Optional[int] = epochs_per_generation
 
     # ------------------------------------------------------------------ teacher contract
@@ -204,17 +197,12 @@ class BornAgain(DistillationModule):
 
     def train(self, mode: bool = True) -> "BornAgain":
         super().train(mode)
-        self.generation_models.eval()  # previous generations are always in eval mode
+        if "generation_models" in self._modules:
+            self.generation_models.eval()  # previous generations are always in eval mode
         return self
 
-    def on_train_start(self) -> None:
-        frozen = {id(m) for m in self._teacher_modules} | {id(m) for m in self.generation_models.modules()}
-        stray = [n for n, m in self.named_modules() if not m.training and id(m) not in frozen]
-        if stray:
-            warnings.warn(
-                f"{len(stray)} non-teacher module(s) are in eval mode at the start of training: {stray[:5]}",
-                stacklevel=2,
-            )
+    def eval_mode_modules(self) -> set[int]:
+        return super().eval_mode_modules() | {id(m) for m in self.generation_models.modules()}
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -279,7 +267,7 @@ class BornAgain(DistillationModule):
         finished = _frozen_copy(self.student)
         self.generation_models.append(finished)
         self._save_generation_file(self.generation, finished)
-        self._set_teacher(finished)
+        self._set_teacher(FrozenTeacher(finished, save=True))
         self.generation += 1
         self.reinitialize_student(self.generation)
         self._restart_optimizers()
@@ -290,9 +278,10 @@ class BornAgain(DistillationModule):
         for p in self.student.parameters():
             p.grad = None
 
-    def _set_teacher(self, module: Optional[nn.Module]) -> None:
-        self.teacher = module
-        self._teacher_modules = tuple(module.modules()) if module is not None else ()
+    def _set_teacher(self, source: Optional[FrozenTeacher]) -> None:
+        """The teacher of the current generation: the user's (generation 1) or the previous generation,
+        which -- unlike the user's -- is not re-creatable from the config, so it stays in checkpoints."""
+        self.set_teacher(source)
 
     def _restart_optimizers(self) -> None:
         trainer = self._trainer
@@ -349,17 +338,14 @@ class BornAgain(DistillationModule):
         loss = super().training_step(batch, batch_idx)
         if self.should_log_step():
             self.log("train/generation", float(self.generation), on_step=True, on_epoch=False,
-                     batch_size=self.batch_size_of(self.unpack_batch(batch)))
+                     batch_size=self.batch_size_of(unpack_batch(batch)))
         return loss
 
-    def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
-        task = self.task_loss(student_logits, batch.target)
-        if teacher_logits is None:  # generation 1 without a teacher: labels only
-            return {"loss": task, "task_loss": task, "kd_loss": torch.zeros_like(task)}
-        mask = batch.mask if student_logits.ndim == 3 else None
-        kd = kd_loss(student_logits, teacher_logits, self.temperature, self.kl, mask=mask)
-        loss = (1.0 - self.alpha) * task + self.alpha * kd
-        return {"loss": loss, "task_loss": task, "kd_loss": kd}
+    def distillation_losses(self, student: Any, teacher: Any, batch: Batch) -> dict[str, Tensor]:
+        terms = super().distillation_losses(student, teacher, batch)
+        if teacher is None:  # generation 1 without a teacher: labels only
+            terms["loss"] = terms["task_loss"]
+        return terms
 
     # ------------------------------------------------------------------ evaluation
     def build_metrics(self, num_classes: int, with_teacher: bool) -> nn.ModuleDict:
@@ -371,9 +357,8 @@ class BornAgain(DistillationModule):
         return metrics
 
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = self.unpack_batch(batch)
-        student_logits = self.student(b.input)
-        teacher_logits = self.teacher_forward(b.input)
+        b = unpack_batch(batch)
+        student_logits, teacher_logits = self.eval_logits(b)
         metrics = self.eval_metrics[stage]
         if b.target is not None:
             probs = self.ensemble_probabilities(b.input, student_logits)
@@ -389,12 +374,10 @@ class BornAgain(DistillationModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if len(self.generation_models) == 0:
-            # the teacher is the user's (or none): the base class keeps it out of the checkpoint
-            super().on_save_checkpoint(checkpoint)
-        # otherwise the teacher is the previous generation: it is *not* re-creatable from the
-        # config, so it stays in the state dict (``teacher.*``), like every finished generation
+        # the teacher source decides: the user's teacher stays out (unless save_teacher), a previous
+        # generation (save=True) stays in as ``teacher.*``, like every finished generation
         # (``generation_models.{i}.*``)
+        super().on_save_checkpoint(checkpoint)
         checkpoint[_CKPT_KEY] = {
             "generation": self.generation,
             "finished": len(self.generation_models),
@@ -432,7 +415,7 @@ class BornAgain(DistillationModule):
         """Create ``finished`` frozen generation modules (to be filled by ``load_state_dict``)."""
         self.generation_models = nn.ModuleList(_frozen_copy(self.student) for _ in range(finished))
         if finished > 0:
-            self._set_teacher(self.generation_models[-1])
+            self._set_teacher(FrozenTeacher(self.generation_models[-1], save=True))
         else:
-            self._set_teacher(self._user_teacher[0])
+            self._set_teacher(self._user_source[0])
         self.generation = finished + 1

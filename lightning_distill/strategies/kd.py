@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Union
 
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_distill.losses import KL_MODES, check_skew, kd_loss
-from lightning_distill.module import Batch
-from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
+from lightning_distill.objectives import CrossEntropy, LogitKD
+from lightning_distill.strategies.base import SingleTeacherDistillation, check_alpha
+from lightning_distill.temperature import Temperature
 
-__all__ = ["KnowledgeDistillation"]
+__all__ = ["KDPreset", "KnowledgeDistillation"]
 
 
-class KnowledgeDistillation(DistillationModule):
+class KDPreset:
+    """``alpha`` and ``kl`` of a preset whose objectives are ``task`` (weight ``1 - alpha``) and ``kd``
+    (weight ``alpha``): read and written through the objectives, so a callback (a curriculum) that changes
+    them changes the loss. (``temperature`` is :class:`~lightning_distill.distiller.DistillationModule`'s.)"""
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the distillation term; ``1 - alpha`` weighs the hard labels."""
+        return self.objectives["kd"].weight
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        value = check_alpha(value)
+        self.objectives["kd"].weight = value
+        self.objectives["task"].weight = 1.0 - value
+
+    @property
+    def kl(self) -> str:
+        return self.objectives["kd"].kl
+
+
+def kd_objectives(
+    alpha: float, temperature: Union[float, Temperature], kl: str, skew: float = 0.1, standardize: bool = False
+) -> dict[str, Any]:
+    """``{"task": CrossEntropy(1 - alpha), "kd": LogitKD(alpha, ...)}``: Hinton's objective."""
+    alpha = check_alpha(alpha)
+    return {
+        "task": CrossEntropy(1.0 - alpha),
+        "kd": LogitKD(alpha, temperature, kl, skew, standardize),
+    }
+
+
+class KnowledgeDistillation(KDPreset, SingleTeacherDistillation):
     r"""Vanilla logit distillation from a frozen teacher (arXiv:1503.02531).
 
     .. math::
@@ -22,22 +54,27 @@ class KnowledgeDistillation(DistillationModule):
                       + \alpha\, T^2\, D\big(\mathrm{softmax}(z_T/T),\ \mathrm{softmax}(z_S/T)\big)
 
     with :math:`D` the divergence chosen by ``kl`` (forward KL by default; see
-    :func:`lightning_distill.losses.kd_loss`). Logits ``[N, C]`` or token-level ``[N, L, C]``
-    (then a batch ``mask`` selects the valid tokens and labels equal to ``ignore_index`` are
-    skipped by the cross-entropy). Logs ``train/loss``, ``train/task_loss`` and ``train/kd_loss``.
+    :func:`lightning_distill.losses.kd_loss`): the objectives
+    :class:`~lightning_distill.objectives.CrossEntropy` (``task``) and
+    :class:`~lightning_distill.objectives.LogitKD` (``kd``). Logits ``[N, C]`` or token-level ``[N, L, C]``
+    (then a batch ``mask`` selects the valid tokens and labels equal to ``ignore_index`` are skipped by the
+    cross-entropy). Logs ``train/loss``, ``train/task_loss`` and ``train/kd_loss``.
 
     Args:
         student: the network being trained.
         teacher: the frozen teacher (same number of classes; checked before training).
-        temperature: softmax temperature ``T > 0``. Mutable: callbacks such as a curriculum may
-            change ``module.temperature`` between steps.
+        temperature: softmax temperature ``T > 0``, or a :class:`~lightning_distill.temperature.Temperature`
+            (e.g. a ``TemperatureSchedule``). Mutable: callbacks such as a curriculum may change
+            ``module.temperature`` between steps.
         alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the hard labels.
             Defaults follow the CIFAR-100 benchmark setup of RepDistiller (T=4, alpha=0.9).
         kl: ``"forward"`` (Hinton), ``"reverse"``, ``"symmetric"``, ``"js"``, or DistiLLM's
             ``"skew_forward"`` / ``"skew_reverse"`` (see :func:`lightning_distill.losses.kd_loss`).
         skew: mixing share of the skew divergences, in [0, 1) (DistiLLM's default 0.1).
-        **kwargs: ``teacher_checkpoint``, ``optimizer``, ``lr_scheduler``, ... of
-            :class:`DistillationModule`.
+        standardize: logit standardisation (Sun et al. 2024, arXiv:2403.01427): z-score both models'
+            logits before the temperature.
+        **kwargs: ``teacher_checkpoint``, ``teacher_dtype``, ``teacher_cache``, ``pseudo_labels``,
+            ``optimizer``, ``lr_scheduler``, ... of :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
 
     Example::
 
@@ -47,6 +84,8 @@ class KnowledgeDistillation(DistillationModule):
         >>> from lightning_distill.models import DigitsCNN, DigitsMLP
         >>> module = KnowledgeDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
         ...                                temperature=4.0, alpha=0.9)
+        >>> list(module.objectives), module.alpha, module.temperature
+        (['task', 'kd'], 0.9, 4.0)
         >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(module, datamodule=DigitsDataModule())  # doctest: +SKIP
@@ -56,33 +95,13 @@ class KnowledgeDistillation(DistillationModule):
         self,
         student: nn.Module,
         teacher: nn.Module,
-        temperature: float = 4.0,
+        temperature: Union[float, Temperature] = 4.0,
         alpha: float = 0.9,
         kl: str = "forward",
         skew: float = 0.1,
+        standardize: bool = False,
         **kwargs: Any,
     ) -> None:
         if teacher is None:
-            raise ValueError("KnowledgeDistillation needs a `teacher` module.")
-        self_temperature = check_temperature(temperature)
-        self_alpha = check_alpha(alpha)
-        if kl not in KL_MODES:
-            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
-        self_skew = check_skew(skew)
-        super().__init__(student, teacher, **kwargs)
-        self.temperature = self_temperature
-        self.alpha = self_alpha
-        self.kl = kl
-        self.skew = self_skew
-
-    def distillation_temperature(self, student_logits: Tensor, teacher_logits: Tensor) -> Union[float, Tensor]:
-        """The temperature of this step's KD term: ``self.temperature`` (learned in :class:`CTKD`)."""
-        return self.temperature
-
-    def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
-        mask = batch.mask if student_logits.ndim == 3 else None
-        task = self.task_loss(student_logits, batch.target)
-        temperature = self.distillation_temperature(student_logits, teacher_logits)
-        kd = kd_loss(student_logits, teacher_logits, temperature, self.kl, mask=mask, skew=self.skew)
-        loss = (1.0 - self.alpha) * task + self.alpha * kd
-        return {"loss": loss, "task_loss": task, "kd_loss": kd}
+            raise ValueError(f"{type(self).__name__} needs a `teacher` module.")
+        super().__init__(student, teacher, objectives=kd_objectives(alpha, temperature, kl, skew, standardize), **kwargs)

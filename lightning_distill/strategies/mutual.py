@@ -10,10 +10,13 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from lightning_distill.batch import Batch, unpack_batch
 from lightning_distill.losses import KL_MODES, mutual_loss
-from lightning_distill.module import Batch
-from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
+from lightning_distill.outputs import ModelOutputs, as_outputs
+from lightning_distill.strategies.base import SingleTeacherDistillation, check_alpha
 from lightning_distill.strategies.born_again import reset_module_parameters
+from lightning_distill.temperature import FixedTemperature
+from lightning_distill.validation import check_choice, check_int
 
 __all__ = ["MutualLearning"]
 
@@ -31,7 +34,7 @@ def _flat_valid(values: Tensor, target: Tensor, ignore_index: int) -> tuple[Tens
     return flat[valid], flat_target[valid]
 
 
-class MutualLearning(DistillationModule):
+class MutualLearning(SingleTeacherDistillation):
     r"""Deep Mutual Learning: K students trained together, each mimicking the others.
 
     Student :math:`k` minimises
@@ -68,19 +71,26 @@ class MutualLearning(DistillationModule):
     :meth:`export_best_student` pick the student with the best last validation score.
 
     Checkpoints hold every student and the last validation scores; the teacher follows the
-    contract of :class:`DistillationModule` (not saved, re-attached from the config).
+    frozen-teacher contract (not saved, re-attached from the config).
+
+    DML trains several models together, so it has its own step (one forward per model; the peers'
+    logits detached) rather than objectives over one student: :meth:`forward_models` returns student
+    0's outputs with every student's logits in ``extras["students"]``, and :meth:`distillation_losses`
+    takes those outputs or the list of the K students' logits.
 
     Args:
         student: the first student; with ``num_students`` the others are seeded copies of it.
         teacher: optional frozen teacher, used as one more (never trained) peer.
         students: K >= 2 distinct student modules (instead of ``student``).
         num_students: K >= 2 when ``student`` is given.
-        teacher_checkpoint: weights of ``teacher`` (see :class:`DistillationModule`).
+        teacher_checkpoint: weights of ``teacher`` (see
+            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`).
         temperature: ``T > 0`` of the mimicry term (T² scaling applies).
         alpha: weight of the mimicry term in [0, 1]; ``1 - alpha`` weighs the labels.
         kl: ``"forward"`` (DML's KL), ``"reverse"``, ``"symmetric"`` or ``"js"``.
         seed: seed of the copies' re-initialisation; ``None`` takes ``torch.initial_seed()``.
-        **kwargs: ``optimizer``, ``lr_scheduler``, ... of :class:`DistillationModule`.
+        **kwargs: ``optimizer``, ``lr_scheduler``, ... of
+            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
 
     Example::
 
@@ -112,21 +122,19 @@ class MutualLearning(DistillationModule):
         seed: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(num_students, bool) or not isinstance(num_students, int) or num_students < 2:
-            raise ValueError(f"`num_students` must be an integer >= 2, got {num_students!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"`seed` must be an integer >= 0 or None, got {seed!r}.")
-        self_temperature = check_temperature(temperature)
+        check_int("num_students", num_students, minimum=2)
+        if seed is not None:
+            check_int("seed", seed, minimum=0, what="an integer >= 0 or None")
         self_alpha = check_alpha(alpha)
-        if kl not in KL_MODES:
-            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
+        mutual_temperature = FixedTemperature(temperature)
+        check_choice("kl", kl, KL_MODES)
         resolved_seed = int(seed) if seed is not None else int(torch.initial_seed() % (2**31))
         models = self._build_students(student, students, num_students, resolved_seed)
         if teacher is not None and any(teacher is m for m in models):
             raise ValueError("`teacher` is also one of the students; pass a separate module.")
         super().__init__(models[0], teacher, teacher_checkpoint=teacher_checkpoint, **kwargs)
         self.students = nn.ModuleList(models)
-        self.temperature = self_temperature
+        self.mutual_temperature = mutual_temperature  # module.temperature reads / sets it
         self.alpha = self_alpha
         self.kl = kl
         self.seed = resolved_seed
@@ -168,35 +176,43 @@ class MutualLearning(DistillationModule):
         return models
 
     # ------------------------------------------------------------------ probing
-    def probe_outputs(self, example: Any) -> tuple[Any, Any]:
-        teacher_out = self.call_teacher(self.teacher, example) if self.teacher is not None else None
-        outputs = [s(example) for s in self.students]
-        classes = [int(o.shape[-1]) for o in outputs]
+    def probe_outputs(self, batch: Any) -> tuple[ModelOutputs, Optional[ModelOutputs]]:
+        batch = batch if isinstance(batch, Batch) else Batch(batch)
+        source = self.teacher_source
+        teacher = source.probe_outputs(batch) if source is not None else None
+        outputs = [as_outputs(self.student_routing(s, batch), f"student {k}") for k, s in enumerate(self.students)]
+        classes = [int(o.logits.shape[-1]) for o in outputs]
         if len(set(classes)) != 1:
             raise ValueError(
                 f"the students disagree on the number of classes: {classes} (student k -> outputs). Build "
                 "every student with the same num_classes."
             )
-        return outputs[0], teacher_out
+        return outputs[0], teacher
 
     # ------------------------------------------------------------------ training
-    def forward_models(self, inputs: Any) -> tuple[list[Tensor], Optional[Tensor]]:  # type: ignore[override]
-        """One forward per model: ``([logits of student k for k in 0..K-1], teacher_logits)``."""
-        teacher_logits = self.teacher_forward(inputs)
-        return [s(inputs) for s in self.students], teacher_logits
+    def student_logits(self, batch: Batch) -> list[Tensor]:
+        """One forward per student: the K students' logits."""
+        return [as_outputs(self.student_routing(s, batch), f"student {k}").logits for k, s in enumerate(self.students)]
 
-    def distillation_losses(  # type: ignore[override]
-        self, student_logits: Sequence[Tensor], teacher_logits: Optional[Tensor], batch: Batch
-    ) -> dict[str, Tensor]:
-        """Loss terms; ``student_logits`` is the list of the K students' logits.
+    def forward_models(self, batch: Any) -> tuple[ModelOutputs, Optional[ModelOutputs]]:
+        """One forward per model: student 0's outputs with every student's logits in ``extras["students"]``."""
+        b = batch if isinstance(batch, Batch) else Batch(batch)
+        source = self.teacher_source
+        teacher = source.outputs(b) if source is not None else None
+        logits = self.student_logits(b)
+        return ModelOutputs(logits[0], extras={"students": logits}), teacher
+
+    def distillation_losses(self, student: Any, teacher: Any, batch: Batch) -> dict[str, Tensor]:
+        r"""Loss terms; ``student`` is :meth:`forward_models`'s output or the list of the K students' logits.
 
         ``loss`` is the optimised sum over students; ``task_loss`` / ``kd_loss`` are means over
-        students and ``student{k}_loss`` is :math:`\\mathcal{L}_k`.
+        students and ``student{k}_loss`` is :math:`\mathcal{L}_k`.
         """
-        logits = list(student_logits)
+        logits = list(student.extras["students"]) if isinstance(student, ModelOutputs) else list(student)
+        teacher_logits = teacher.logits if isinstance(teacher, ModelOutputs) else teacher
         mask = batch.mask if logits[0].ndim == 3 else None
         tasks = torch.stack([self.task_loss(z, batch.target) for z in logits])
-        mutual = mutual_loss(logits, self.temperature, self.kl, teacher_logits, mask)
+        mutual = mutual_loss(logits, self.mutual_temperature.value, self.kl, teacher_logits, mask)
         per_student = (1.0 - self.alpha) * tasks + self.alpha * mutual
         terms = {"loss": per_student.sum(), "task_loss": tasks.mean(), "kd_loss": mutual.mean()}
         for k, value in enumerate(per_student.unbind(0)):
@@ -224,9 +240,10 @@ class MutualLearning(DistillationModule):
         return metrics
 
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = self.unpack_batch(batch)
-        logits = [s(b.input) for s in self.students]
-        teacher_logits = self.teacher_forward(b.input)
+        b = unpack_batch(batch)
+        logits = self.student_logits(b)
+        source = self.teacher_source
+        teacher_logits = source.eval_outputs(b).logits if source is not None else None
         metrics = self.eval_metrics[stage]
         if b.target is not None:
             probs = torch.stack([z.float().softmax(-1) for z in logits]).mean(0)

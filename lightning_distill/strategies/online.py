@@ -2,29 +2,94 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
-import math
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from lightning_distill.batch import Batch, unpack_batch
 from lightning_distill.checkpoint import load_weights
-from lightning_distill.losses import KL_MODES, kd_loss
-from lightning_distill.module import Batch
-from lightning_distill.strategies.base import DistillationModule, check_alpha, check_temperature
+from lightning_distill.distiller import DistillationModule, reject_teacher_options
+from lightning_distill.losses import cross_entropy_loss
+from lightning_distill.objectives import Objective, StepInfo
+from lightning_distill.outputs import ModelOutputs, as_outputs
+from lightning_distill.strategies.kd import KDPreset, kd_objectives
+from lightning_distill.teachers import EMATeacher, TeacherSource
+from lightning_distill.validation import check_float
 
-__all__ = ["OnlineDistillation"]
+__all__ = ["OnlineDistillation", "OnlineTeacher", "OnlineTeacherLoss"]
 
 
-class OnlineDistillation(DistillationModule):
+class OnlineTeacher(TeacherSource):
+    """A teacher trained alongside the student: its live logits (with their graph, for its own loss) and
+    the student's target -- the live logits detached, or an :class:`~lightning_distill.teachers.EMATeacher`'s.
+
+    Registers ``online_teacher`` (trained: in the optimizer and in checkpoints) and, with ``ema_decay``,
+    ``ema_teacher`` (frozen, checkpointed). ``outputs(batch).logits`` is the student's target;
+    ``extras["online_logits"]`` the live teacher's logits.
+    """
+
+    save = True  # neither network can be rebuilt from the config
+    frozen = False  # it trains: no pseudo-labels, no cache
+
+    def __init__(self, module: nn.Module, ema_decay: Optional[float] = None) -> None:
+        self.module = module
+        self.ema = EMATeacher(module, ema_decay) if ema_decay is not None else None
+
+    def modules(self) -> dict[str, nn.Module]:
+        found = {"online_teacher": self.module}
+        if self.ema is not None:
+            found.update(self.ema.modules())
+        return found
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return self.ema.frozen_modules() if self.ema is not None else []
+
+    def train(self, mode: bool = True) -> None:
+        if self.ema is not None:
+            self.ema.train(mode)
+
+    def outputs(self, batch: Batch) -> ModelOutputs:
+        return self.targets(batch, as_outputs(self.module(batch.input), "the online teacher").logits)
+
+    def targets(self, batch: Batch, live: Tensor) -> ModelOutputs:
+        """The student's target for the online teacher's live logits ``live`` on ``batch``."""
+        target = self.ema.outputs(batch).logits if self.ema is not None else live.detach()
+        return ModelOutputs(target, extras={"online_logits": live})
+
+    def eval_outputs(self, batch: Batch) -> ModelOutputs:
+        return self.outputs(batch)
+
+    def probe_outputs(self, batch: Batch) -> ModelOutputs:
+        return as_outputs(self.module(batch.input), "the online teacher")
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.after_optimizer_step()
+
+
+class OnlineTeacherLoss(Objective):
+    """The online teacher's own cross-entropy with the labels, ``weight * CE(z_T, y)``; logged as
+    ``train/teacher_loss``."""
+
+    name = "teacher"
+
+    def __init__(self, weight: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__(weight)
+        self.ignore_index = int(ignore_index)
+
+    def forward(
+        self, student: ModelOutputs, teacher: Optional[ModelOutputs], batch: Batch, step: StepInfo
+    ) -> dict[str, Tensor]:
+        return self.terms(cross_entropy_loss(teacher.extras["online_logits"], batch.target, self.ignore_index))
+
+
+class OnlineDistillation(KDPreset, DistillationModule):
     r"""Online distillation: the teacher learns from the labels while the student learns from it.
 
     Nothing is precomputed and no trained teacher is needed: at every step the teacher is trained
     with cross-entropy and the student is distilled from the teacher's *current* predictions
-    (one-way codistillation, Anil et al. 2018, arXiv:1804.03235; seed 000's ``OnlineDistiller``).
+    (one-way codistillation, Anil et al. 2018, arXiv:1804.03235).
     With ``ema_decay`` the student's target comes instead from an exponential moving average of
     the teacher's weights (the "mean teacher" of Tarvainen & Valpola 2017, arXiv:1703.01780), which
     smooths the noise of a teacher that changes every step:
@@ -47,9 +112,10 @@ class OnlineDistillation(DistillationModule):
     averaged weights); integer buffers (``num_batches_tracked``) are copied. The EMA starts from
     the teacher's initial weights.
 
-    The teacher contract of :class:`DistillationModule` concerns *frozen* teachers and does not
-    apply here: the base class gets ``teacher=None`` and the trained teacher lives in
-    :attr:`online_teacher` (in train mode during training, in the optimizer, in checkpoints).
+    The frozen-teacher contract does not apply to the trained teacher: its source is an
+    :class:`OnlineTeacher`, which registers it as :attr:`online_teacher` (in train mode during training,
+    in the optimizer, in checkpoints); :attr:`teacher` is ``None``. The objectives are ``teacher``
+    (:class:`OnlineTeacherLoss`), ``task`` and ``kd``.
     :attr:`ema_teacher` is frozen (``requires_grad=False``, always in eval mode, ``no_grad``
     forward, never in an optimizer) but *is* checkpointed, so resuming continues the same average.
 
@@ -66,16 +132,17 @@ class OnlineDistillation(DistillationModule):
             steps, 0.999 for long runs), or ``None`` to distill from the online teacher directly.
             The EMA starts at the initial weights: keep ``1 / (1 - d)`` well below the number of
             training steps.
-        temperature: softmax temperature ``T > 0`` of the KD term (seed 000: 3).
+        temperature: softmax temperature ``T > 0`` of the KD term.
         alpha: weight of the KD term in [0, 1]; ``1 - alpha`` weighs the student's hard-label
-            cross-entropy (seed 000: 0.7).
+            cross-entropy.
         kl: ``"forward"``, ``"reverse"``, ``"symmetric"`` or ``"js"`` (see
             :func:`lightning_distill.losses.kd_loss`).
         teacher_loss_weight: weight :math:`\lambda \ge 0` of the teacher's cross-entropy.
         teacher_checkpoint: optional initial weights for the teacher (a warm start; it keeps
             training). Loaded before the EMA copy is made.
-        **kwargs: ``optimizer``, ``lr_scheduler``, ... of :class:`DistillationModule` (one optimizer
-            trains the student and the teacher together).
+        **kwargs: ``optimizer``, ``lr_scheduler``, ... of :class:`~lightning_distill.distiller.DistillationModule`
+            (one optimizer trains the student and the teacher together). Frozen-teacher options
+            (``teacher_checkpoint`` aside, a warm start) do not apply.
 
     Example::
 
@@ -107,99 +174,48 @@ class OnlineDistillation(DistillationModule):
         teacher_checkpoint: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
+        reject_teacher_options(type(self), kwargs)
         if teacher is None:
             raise ValueError("OnlineDistillation needs a `teacher` module (the architecture trained alongside the student).")
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"`teacher` must be a torch.nn.Module, got {type(teacher).__name__}.")
         if teacher is student:
             raise ValueError("`teacher` and `student` are the same module object; pass two separate modules.")
-        if ema_decay is not None and (
-            isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= float(ema_decay) < 1.0
-        ):
-            raise ValueError(
-                f"`ema_decay` must be in [0, 1) or None, got {ema_decay!r}. Typical values: 0.99 (short runs), "
-                "0.999 (long runs); None distills from the online teacher directly."
-            )
-        if (
-            isinstance(teacher_loss_weight, bool)
-            or not isinstance(teacher_loss_weight, (int, float))
-            or not 0.0 <= float(teacher_loss_weight) < math.inf
-        ):
-            raise ValueError(f"`teacher_loss_weight` must be a finite number >= 0, got {teacher_loss_weight!r}.")
-        checked_temperature = check_temperature(temperature)
-        checked_alpha = check_alpha(alpha)
-        if kl not in KL_MODES:
-            raise ValueError(f"`kl` must be one of {KL_MODES}, got {kl!r}.")
-        # the base class's teacher is the *frozen* one; the online teacher is trained, so it is not that
-        super().__init__(student, None, **kwargs)
+        teacher_loss_weight = check_float("teacher_loss_weight", teacher_loss_weight, 0.0, what="a finite number >= 0")
+        objectives = {"teacher": OnlineTeacherLoss(teacher_loss_weight), **kd_objectives(alpha, temperature, kl)}
         if teacher_checkpoint is not None:
             load_weights(teacher, teacher_checkpoint, argument="teacher_checkpoint")
+        super().__init__(student, OnlineTeacher(teacher, ema_decay), objectives=objectives, **kwargs)
         self.teacher_checkpoint = teacher_checkpoint
-        self.online_teacher = teacher
         self.ema_decay = None if ema_decay is None else float(ema_decay)
-        self.ema_teacher: Optional[nn.Module] = None
-        if ema_decay is not None:
-            ema = copy.deepcopy(teacher)
-            ema.requires_grad_(False)
-            ema.eval()
-            self.ema_teacher = ema
-            # deliberately in eval mode: exempt from the base's stray-eval-module warning in on_train_start
-            self._teacher_modules = tuple(ema.modules())
-        self.temperature = checked_temperature
-        self.alpha = checked_alpha
-        self.kl = kl
         self.teacher_loss_weight = float(teacher_loss_weight)
         self.teacher_metrics: Optional[nn.ModuleDict] = None
 
-    # ------------------------------------------------------------------ the EMA teacher
-    def frozen_parameters(self) -> Iterable[nn.Parameter]:
-        ema = self.ema_teacher.parameters() if self.ema_teacher is not None else ()
-        return itertools.chain(super().frozen_parameters(), ema)
-
-    def train(self, mode: bool = True) -> "OnlineDistillation":
-        super().train(mode)
-        ema = getattr(self, "ema_teacher", None)
-        if ema is not None:
-            ema.eval()
-        return self
+    @property
+    def has_teacher(self) -> bool:  # the student's target (agreement / kl metrics) exists
+        return True
 
     def ema_forward(self, inputs: Any) -> Tensor:
         """The EMA teacher's logits, in eval mode under ``torch.no_grad()``."""
-        if self.ema_teacher is None:
+        ema = self.teacher_source.ema
+        if ema is None:
             raise RuntimeError("ema_forward() needs `ema_decay`: this OnlineDistillation has no EMA teacher.")
-        if any(m.training for m in self._teacher_modules):
-            self.ema_teacher.eval()
-        with torch.no_grad():
-            return self.ema_teacher(inputs)
+        return ema.outputs(Batch(inputs)).logits
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         r""":math:`\theta_{ema} \leftarrow d\,\theta_{ema} + (1-d)\,\theta` for parameters and floating-point
         buffers; integer buffers are copied. Called once after every optimizer step."""
-        d = self.ema_decay
-        ema, live = self.ema_teacher, self.online_teacher
-        for (name, e), (live_name, p) in zip(ema.named_parameters(), live.named_parameters()):
-            assert name == live_name, (name, live_name)
-            e.mul_(d).add_(p.detach(), alpha=1.0 - d)
-        for (name, e), (live_name, b) in zip(ema.named_buffers(), live.named_buffers()):
-            assert name == live_name, (name, live_name)
-            if e.is_floating_point():
-                e.mul_(d).add_(b, alpha=1.0 - d)
-            else:
-                e.copy_(b)
+        self.teacher_source.after_optimizer_step()
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Step the optimizer, then move the EMA teacher (Lightning calls this once per optimizer step)."""
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.ema_teacher is not None:
-            self.update_ema()
+    def distillation_losses(self, student: Any, teacher: Any, batch: Batch) -> dict[str, Tensor]:
+        """``teacher`` is :meth:`forward_models`'s teacher outputs, or the online teacher's live logits."""
+        if isinstance(teacher, Tensor):
+            teacher = self.teacher_source.targets(batch, teacher)
+        return super().distillation_losses(student, teacher, batch)
 
     # ------------------------------------------------------------------ probing and metrics
-    def probe_outputs(self, example: Any) -> tuple[Any, Any]:
-        return self.student(example), self.online_teacher(example)
-
-    def on_probe(self, example: Any, output: Any, teacher_output: Any) -> int:
-        n_student, n_teacher = int(output.shape[-1]), int(teacher_output.shape[-1])
+    def on_probe(self, probe: Any) -> int:
+        n_student, n_teacher = int(probe.student.logits.shape[-1]), int(probe.teacher.logits.shape[-1])
         if n_teacher != n_student:
             raise ValueError(
                 f"teacher and student disagree on the number of classes: the online teacher "
@@ -207,7 +223,7 @@ class OnlineDistillation(DistillationModule):
                 f"({type(self.student).__name__}) outputs {n_student}. Build both with the same "
                 "num_classes (init_args.num_classes in YAML)."
             )
-        return super().on_probe(example, output, None)
+        return super().on_probe(probe)
 
     def build_metrics(self, num_classes: int, with_teacher: bool) -> nn.ModuleDict:
         """The base metrics with teacher agreement / KL, plus ``teacher_acc`` (and ``ema_teacher_acc``)
@@ -217,7 +233,7 @@ class OnlineDistillation(DistillationModule):
         for collection in metrics.values():
             if "teacher_acc" in collection:
                 del collection["teacher_acc"]
-        names = ["teacher_acc"] + (["ema_teacher_acc"] if self.ema_teacher is not None else [])
+        names = ["teacher_acc"] + (["ema_teacher_acc"] if self.teacher_source.ema is not None else [])
 
         def accuracy() -> torchmetrics.Metric:
             return torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -240,34 +256,11 @@ class OnlineDistillation(DistillationModule):
         self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=flat.shape[0])
 
     # ------------------------------------------------------------------ steps
-    def forward_models(self, inputs: Any) -> tuple[Tensor, Optional[Tensor]]:
-        """``(student_logits, online_teacher_logits)``; the teacher's logits keep their graph (it trains)."""
-        teacher_logits = self.online_teacher(inputs)
-        student_logits = self.student(inputs)
-        return student_logits, teacher_logits
-
-    def target_logits(self, inputs: Any, teacher_logits: Tensor) -> Tensor:
-        """The student's KD target: the EMA teacher's logits, or the online teacher's, detached."""
-        if self.ema_teacher is not None:
-            return self.ema_forward(inputs)
-        return teacher_logits.detach()
-
-    def distillation_losses(self, student_logits: Tensor, teacher_logits: Optional[Tensor], batch: Batch) -> dict[str, Tensor]:
-        mask = batch.mask if student_logits.ndim == 3 else None
-        target = self.target_logits(batch.input, teacher_logits)
-        teacher_loss = self.task_loss(teacher_logits, batch.target)
-        task = self.task_loss(student_logits, batch.target)
-        kd = kd_loss(student_logits, target, self.temperature, self.kl, mask=mask)
-        loss = self.teacher_loss_weight * teacher_loss + (1.0 - self.alpha) * task + self.alpha * kd
-        return {"loss": loss, "teacher_loss": teacher_loss, "task_loss": task, "kd_loss": kd}
-
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = self.unpack_batch(batch)
-        student_logits = self.student(b.input)
-        teacher_logits = self.online_teacher(b.input)
-        self._update_accuracy(stage, "teacher_acc", teacher_logits, b.target)
-        target = teacher_logits
-        if self.ema_teacher is not None:
-            target = self.ema_forward(b.input)
-            self._update_accuracy(stage, "ema_teacher_acc", target, b.target)
-        self.update_eval_metrics(stage, student_logits, b.target, target)
+        b = unpack_batch(batch)
+        student_logits = as_outputs(self.student_routing(self.student, b), "the student").logits
+        teacher = self.teacher_source.eval_outputs(b)
+        self._update_accuracy(stage, "teacher_acc", teacher.extras["online_logits"], b.target)
+        if self.teacher_source.ema is not None:
+            self._update_accuracy(stage, "ema_teacher_acc", teacher.logits, b.target)
+        self.update_eval_metrics(stage, student_logits, b.target, teacher.logits)

@@ -372,14 +372,33 @@ def test_ctkd_with_alphas_only(make_trainer):
 
 
 @pytest.mark.parametrize("kwargs", [{"temperatures": (1.0, 1.5, 2.0)}, {"temperature_schedule": (1.0, 3.0)}])
-def test_ctkd_rejects_curriculum_temperatures_at_setup(kwargs, make_trainer):
+def test_instance_ctkd_rejects_curriculum_temperatures_at_setup(kwargs, make_trainer):
+    # one learned temperature per sample has no single value to set: refused before scoring and any step
     pocl = _pocl(**kwargs)
     recorder = _Recorder(pocl)
-    with pytest.raises(ValueError, match=r"ProgressiveCurriculum cannot set CTKD.temperature: CTKD learns its temperature"):
+    module = CTKD(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn", alpha=0.2, temperature_mode="instance")
+    with pytest.raises(ValueError, match=r"ProgressiveCurriculum cannot set CTKD.temperature: an instance-wise learned"):
         make_trainer(limit_train_batches=1, callbacks=[pocl, recorder]).fit(
-            _ctkd(), datamodule=DigitsDataModule(batch_size=64, shuffle_seed=0)
+            module, datamodule=DigitsDataModule(batch_size=64, shuffle_seed=0)
         )
     assert recorder.seen == {} and pocl.order is None  # failed before scoring and before any step
+
+
+def test_curriculum_drives_the_global_ctkd_temperature(make_trainer):
+    # the temperature interface: the curriculum moves CTKD's learned temperature to each stage's value at the
+    # start of the stage (learning continues from there), as it sets a fixed temperature
+    temperatures = (1.5, 3.0, 6.0)
+    pocl = _pocl(temperatures=temperatures, stage_ends=(0.4, 0.7))
+    recorder = _Recorder(pocl)
+    module = CTKD(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn", alpha=0.2, lambda_max=0.0)
+    make_trainer(max_epochs=5, limit_train_batches=2, limit_val_batches=0, callbacks=[pocl, recorder]).fit(
+        module, datamodule=DigitsDataModule(batch_size=64, shuffle_seed=0)
+    )
+    for epoch, stage in enumerate([0, 0, 1, 1, 2]):
+        assert recorder.start[epoch][2] == stage
+    # at each stage change the learned tau jumps to the stage's value (lambda 0: only the anchor-free KD moves it)
+    for epoch in (0, 2, 4):
+        assert recorder.start[epoch][0] == pytest.approx(temperatures[[0, 0, 1, 1, 2][epoch]], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_distill import CRD, DistillationModule, FeatureDistillation, KnowledgeDistillation, MutualLearning
 from lightning_distill.augment import FunctionMatching
+from lightning_distill.callbacks import ChannelsLast, CompileModels
 from lightning_distill.cache import TeacherCache
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.losses import kd_loss
@@ -425,7 +426,8 @@ def test_strategies_that_refuse_the_teacher_cache():
 def test_teacher_cache_refused_by_online_distillation():
     from lightning_distill import OnlineDistillation
 
-    with pytest.raises(ValueError, match="OnlineDistillation cannot use `teacher_cache`"):
+    # it has no frozen teacher, so it takes no frozen-teacher options at all
+    with pytest.raises(TypeError, match="OnlineDistillation.__init__\\(\\) got an unexpected keyword argument 'teacher_cache'"):
         OnlineDistillation(DigitsStudentCNN(), DigitsCNN(), teacher_cache=TeacherCache(progress=False))
 
 
@@ -548,7 +550,8 @@ def test_bfloat16_teacher_fit_with_datamodule(digits_dm, make_trainer, seeded):
 def test_channels_last_matches_contiguous(seeded):
     student, teacher = DigitsStudentCNN(), DigitsCNN()
     plain = KnowledgeDistillation(copy.deepcopy(student), copy.deepcopy(teacher), temperature=T, alpha=ALPHA)
-    cl = KnowledgeDistillation(student, teacher, temperature=T, alpha=ALPHA, channels_last=True)
+    cl = KnowledgeDistillation(student, teacher, temperature=T, alpha=ALPHA)
+    ChannelsLast().setup(None, cl, "fit")  # what the callback does before anything runs
     convs = [m for m in cl.student.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     assert not convs[-1].weight.is_contiguous()  # 4 -> 8 channels: really converted, not trivially both
@@ -564,9 +567,13 @@ def test_channels_last_matches_contiguous(seeded):
     x, y, index = _digits_batch(32)
     cl.train()
     plain.train()
+    first_conv_outputs = []
+    hook = convs[0].register_forward_hook(lambda m, a, out: first_conv_outputs.append(out))
     cl_terms, cl_batch = cl.training_terms((x, y, index))
+    hook.remove()
     plain_terms, _ = plain.training_terms((x, y, index))
-    assert cl_batch.input.is_contiguous(memory_format=torch.channels_last)
+    # the forward runs in channels_last: a channels_last weight makes the convolution's output channels_last
+    assert first_conv_outputs[0].is_contiguous(memory_format=torch.channels_last)
     for name in plain_terms:
         torch.testing.assert_close(cl_terms[name], plain_terms[name], rtol=0.0, atol=1e-5)
     cl_terms["loss"].backward()
@@ -598,10 +605,11 @@ def test_compile_student_trains_like_eager(digits_dm, make_trainer):
         torch.manual_seed(0)
         # the MLP student keeps the (cold) inductor compile short
         module = KnowledgeDistillation(
-            DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn", temperature=T, alpha=ALPHA, compile=mode
+            DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn", temperature=T, alpha=ALPHA
         )
         rec = _Steps()
-        _fit_trainer(make_trainer, limit_train_batches=2, log_every_n_steps=1, callbacks=[rec]).fit(
+        compile_cb = [CompileModels(mode)] if mode is not None else []
+        _fit_trainer(make_trainer, limit_train_batches=2, log_every_n_steps=1, callbacks=[rec, *compile_cb]).fit(
             module, datamodule=digits_dm
         )
         runs[mode] = (module, rec)
@@ -685,6 +693,7 @@ def test_bf16_mixed_every_strategy(cls, digits_dm, make_trainer, seeded):
     def spy(student_logits, teacher_logits, batch):
         terms = original(student_logits, teacher_logits, batch)
         first = student_logits[0] if isinstance(student_logits, (list, tuple)) else student_logits
+        first = getattr(first, "logits", first)  # the outputs of forward_models
         dtypes.append((first.dtype, {k: v.dtype for k, v in terms.items()}))
         return terms
 
@@ -721,8 +730,8 @@ def test_bad_teacher_dtype_raises():
 
 
 def test_bad_compile_raises():
-    with pytest.raises(ValueError, match=r"`compile` must be one of .*'all'"):
-        _kd(compile="all")
+    with pytest.raises(ValueError, match=r"`models` must be one of .*'all'"):
+        CompileModels("all")
 
 
 @pytest.mark.parametrize("bad", [{"mixup_alpha": 1.0}, nn.Identity()], ids=["dict", "module"])
@@ -767,7 +776,7 @@ def test_function_matching_checkpoints_load_with_and_without_the_option(digits_d
 def test_cache_key_depends_on_the_selected_tuple_element():
     def tag(select):
         return FeatureDistillation(DigitsStudentCNN(), DigitsCNN(), layer_map={"block2": "block1"},
-                                   teacher_select=select).teacher_cache_tag()
+                                   teacher_select=select, teacher_cache=TeacherCache(progress=False)).teacher_source.tag()
 
     assert tag(0) != tag(1)
     assert tag(0) == tag(None)
@@ -801,7 +810,7 @@ def test_perplexity_stays_finite_when_a_probability_underflows():
 def test_reduced_precision_teacher_keeps_namedtuple_outputs():
     from typing import NamedTuple
 
-    from lightning_distill.strategies.base import _to_float32
+    from lightning_distill.teachers import _to_float32
 
     class Out(NamedTuple):
         logits: torch.Tensor
@@ -817,7 +826,7 @@ def test_pseudo_labels_leave_mixed_samples_label_free(seeded):
     module.train()
     x = torch.rand(8, 1, 8, 8)
     _, seen = module.training_terms((x, torch.full((8,), -100), torch.arange(8)))
-    mixed = module._mixed
+    mixed = seen.mixed
     assert mixed is not None and bool(mixed.any())
     assert bool((seen.target[mixed] == -100).all())
     assert bool((seen.target[~mixed] >= 0).all())  # unmixed unlabelled samples got the teacher's class

@@ -54,8 +54,8 @@ def _ctkd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
     # instance mode (an MLP built from the probe) with an anchor and a feature pair: every moving part
     return CTKD(
         student, teacher, teacher_checkpoint="zoo:digits_cnn", temperature_mode="instance", init_temperature=4.0,
-        lambda_epochs=1, anchor=4.0, anchor_weight=0.1, temperature_lr=0.01, layer_map={"block3": "block2"},
-        feature_loss="cosine",
+        lambda_epochs=1, anchor=4.0, anchor_weight=0.1, temperature_lr=0.01,
+        features={"layer_map": {"block3": "block2"}, "loss": "cosine"},
     )
 
 

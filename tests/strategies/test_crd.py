@@ -53,9 +53,8 @@ def _batch(seed: int, index: list[int]) -> Batch:
 def _embeddings(module: CRD, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Student / teacher embeddings recomputed by hand from the captured features (float64)."""
     with torch.no_grad():
-        module.forward_models(x)
-        f_s, f_t = module._features
-        module._features = None
+        s_out, t_out = module.forward_models(x)
+        f_s, f_t = s_out.features[module.student_layer], t_out.features[module.teacher_layer]
         out = []
         for head, f in ((module.embed_student, f_s), (module.embed_teacher, f_t)):
             w, b = head.linear.weight.double(), head.linear.bias.double()
@@ -129,7 +128,7 @@ def test_one_step_scores_loss_z_and_memory_update_match_the_formulas():
     batch = _batch(0, index)
     old_s, old_t = module.memory_student.clone(), module.memory_teacher.clone()
     v_s, v_t = _embeddings(module, batch.input)
-    state = module._negative_generator(torch.device("cpu")).get_state()
+    state = module.objectives["crd"]._negative_generator(torch.device("cpu")).get_state()
 
     logits, teacher_logits = module.forward_models(batch.input)
     terms = module.distillation_losses(logits, teacher_logits, batch)
@@ -270,7 +269,7 @@ class _Watch(L.Callback):
 
     def on_after_backward(self, trainer, pl_module):
         for name, p in pl_module.named_parameters():
-            if name.startswith("embed_") and p.grad is not None and p.grad.abs().sum() > 0:
+            if name.startswith("objectives.crd.embed_") and p.grad is not None and p.grad.abs().sum() > 0:
                 self.head_grads.add(name)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -287,7 +286,7 @@ def test_short_fit_and_checkpoint_round_trip(digits_dm, make_trainer, tmp_path):
 
     steps = watch.crd[0]
     assert len(steps) == 3 and all(math.isfinite(v) and v > 0 for v in steps)
-    assert watch.head_grads == {n for n, _ in module.named_parameters() if n.startswith("embed_")}
+    assert watch.head_grads == {n for n, _ in module.named_parameters() if n.startswith("objectives.crd.embed_")}
     assert len(watch.head_grads) == 4  # weight and bias of both heads
     for key, value in teacher_before.items():
         assert torch.equal(module.teacher.state_dict()[key], value), f"teacher tensor {key} changed"
@@ -298,9 +297,9 @@ def test_short_fit_and_checkpoint_round_trip(digits_dm, make_trainer, tmp_path):
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     for key in ("memory_student", "memory_teacher", "z_student", "z_teacher", "embed_student.linear.weight"):
-        assert key in ckpt["state_dict"], key
+        assert f"objectives.crd.{key}" in ckpt["state_dict"], key
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
-    assert torch.equal(ckpt["state_dict"]["z_student"], module.z_student)
+    assert torch.equal(ckpt["state_dict"]["objectives.crd.z_student"], module.z_student)
 
     restored = CRD.load_from_checkpoint(path, student=DigitsStudentCNN(), teacher=DigitsCNN())
     assert restored.hparams.student_layer == "block2" and restored.num_negatives == 8

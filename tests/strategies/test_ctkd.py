@@ -26,6 +26,7 @@ from lightning_distill.data import DigitsDataModule
 from lightning_distill.losses import kd_loss, mse_feature_loss
 from lightning_distill.models import DigitsCNN, DigitsMLP
 from lightning_distill.module import Batch
+from lightning_distill.objectives import FeatureMatch
 from lightning_distill.strategies.ctkd import (
     GlobalTemperature,
     GradientReversal,
@@ -163,7 +164,7 @@ def test_init_temperature_gives_exactly_that_tau(t_start, t_range, init, digits_
     # and the tau actually used in the first step
     x, _ = digits_batch
     s, t = module.forward_models(x)
-    tau = module.distillation_temperature(s, t)
+    tau = module.distillation_temperature(s.logits, t.logits)
     assert tau.item() == pytest.approx(init, rel=1e-6)
 
 
@@ -272,7 +273,7 @@ def test_anchor_term_value_and_total(digits_batch):
     s, t = module.forward_models(x)
     terms = module.distillation_losses(s, t, Batch(x, y))
     assert terms["anchor_loss"].item() == pytest.approx(0.3 * (6.0 - 3.0) ** 2, rel=1e-5)
-    expected = 0.3 * F.cross_entropy(s, y) + 0.7 * kd_loss(s, t, 6.0) + 0.3 * 9.0
+    expected = 0.3 * F.cross_entropy(s.logits, y) + 0.7 * kd_loss(s.logits, t.logits, 6.0) + 0.3 * 9.0
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert terms["temperature"].item() == pytest.approx(6.0, rel=1e-6)
 
@@ -283,7 +284,7 @@ def test_no_anchor_term_without_weight(digits_batch):
     s, t = module.forward_models(x)
     terms = module.distillation_losses(s, t, Batch(x, y))
     assert "anchor_loss" not in terms
-    expected = 0.3 * F.cross_entropy(s, y) + 0.7 * kd_loss(s, t, 6.0)
+    expected = 0.3 * F.cross_entropy(s.logits, y) + 0.7 * kd_loss(s.logits, t.logits, 6.0)
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -317,17 +318,16 @@ def test_instance_mode_one_tau_per_sample_within_bounds(digits_batch):
     assert isinstance(module.temperature_module, InstanceTemperature)
     assert torch.count_nonzero(module.temperature_module.mlp[2].weight) == 0  # zero-initialised last layer
     s, t = module.forward_models(x)
-    tau = module.distillation_temperature(s, t)
+    tau = module.distillation_temperature(s.logits, t.logits)
     assert tau.shape == (64,)
     # at initialisation every sample sits at the same temperature: init_temperature
     assert torch.equal(tau, tau[0].expand_as(tau))
     assert tau[0].item() == pytest.approx(5.0, rel=1e-5)
-    module._tau_plain = None
     # after a step the MLP gives different temperatures per sample, all inside (1, 21)
     module2 = _instance(x, lambda_epochs=0, temperature_lr=0.05, optimizer=_sgd(0.05))
     _manual_step(module2, x, y)
     s, t = module2.forward_models(x)
-    tau = module2.distillation_temperature(s, t)
+    tau = module2.distillation_temperature(s.logits, t.logits)
     assert tau.shape == (64,)
     assert ((tau > 1.0) & (tau < 21.0)).all()
     assert tau.std().item() > 0
@@ -345,14 +345,15 @@ def test_instance_mode_inputs_are_detached(digits_batch):
     module.temperature_module.mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].requires_grad))
 
     _, t = module.forward_models(x)
+    t = t.logits
     s = module.student(x).detach().requires_grad_(True)  # a leaf: the student's logits
     terms = module.distillation_losses(s, t, Batch(x, y))
     (g_module,) = torch.autograd.grad(terms["loss"], s, retain_graph=True)
     assert seen == [False]
-    assert module._last_temperature.std().item() > 0  # really per-sample
+    assert module.used_temperature().std().item() > 0  # really per-sample
 
     # independent: the same loss with the temperature as a constant
-    tau = module._last_temperature
+    tau = module.used_temperature()
     (g_const,) = torch.autograd.grad(kd_loss(s, t, tau), s)
     assert torch.allclose(g_module, g_const, rtol=1e-5, atol=1e-8)
 
@@ -397,11 +398,11 @@ def test_temperature_parameters_form_their_own_group(mode, digits_batch):
 
 def test_temperature_group_default_lr_and_projection_group(digits_batch):
     x, _ = digits_batch
-    module = _ctkd(layer_map={"block3": "block1"}, projection_lr=0.2, optimizer=_sgd(0.01))
+    module = _ctkd(features=FeatureMatch(layer_map={"block3": "block1"}, projection_lr=0.2), optimizer=_sgd(0.01))
     module.build(x[:8])
     groups = module.configure_optimizers().param_groups
     temp_ids = {id(p) for p in module.temperature_module.parameters()}
-    proj_ids = {id(p) for p in module.projections.parameters()}
+    proj_ids = {id(p) for p in module.objectives["feature"].projections.parameters()}
     assert proj_ids
     (temp_group,) = [g for g in groups if any(id(p) in temp_ids for p in g["params"])]
     assert {id(p) for p in temp_group["params"]} == temp_ids
@@ -479,18 +480,18 @@ def test_composes_with_feature_terms(digits_batch):
     x, y = digits_batch
     alpha, fw = 0.6, 2.0
     module = _ctkd(
-        layer_map={"block3": "block1"}, feature_loss="mse", feature_weight=fw, alpha=alpha,
+        features=FeatureMatch(layer_map={"block3": "block1"}, loss="mse", pair_weights=fw), alpha=alpha,
         init_temperature=5.0, anchor=3.0, anchor_weight=0.2,
     )
     module.build(x[:8])
-    assert module.pairs == [("block3", "block1")]
+    assert module.objectives["feature"].pairs == [("block3", "block1")]
     s, t = module.forward_models(x)
     terms = module.distillation_losses(s, t, Batch(x, y))
 
     teacher, student = module.teacher, module.student
     with torch.no_grad():
         f_t = teacher.block3(teacher.block2(teacher.block1(x)))  # [N, 64]
-        f_s = module.projections[0](student.block1(x))  # [N, 16] -> [N, 64]
+        f_s = module.objectives["feature"].projections[0](student.block1(x))  # [N, 16] -> [N, 64]
         s_ind, t_ind = student(x), teacher(x)
     assert f_t.shape == (64, 64) and f_s.shape == (64, 64)
     feature = fw * mse_feature_loss(f_s, f_t)
@@ -501,7 +502,7 @@ def test_composes_with_feature_terms(digits_batch):
 
 
 def test_feature_loss_is_logged_during_training(digits_dm, make_trainer, tmp_path):
-    module = _ctkd(layer_map={"block3": "block1"}, feature_loss="mse", anchor=4.0, anchor_weight=0.1)
+    module = _ctkd(features=FeatureMatch(layer_map={"block3": "block1"}, loss="mse"), anchor=4.0, anchor_weight=0.1)
     logger = CSVLogger(tmp_path)
     make_trainer(logger=logger, log_every_n_steps=1, limit_train_batches=2, limit_val_batches=0).fit(module, datamodule=digits_dm)
     rows = [r for r in _csv_rows(logger) if r.get("train/feature_loss")]
@@ -517,11 +518,19 @@ def test_feature_loss_is_logged_during_training(digits_dm, make_trainer, tmp_pat
 # ---------------------------------------------------------------------------------------------
 
 
-def test_temperature_is_read_only():
+def test_setting_the_temperature_moves_theta_and_learning_continues_from_there():
+    # one temperature interface: a curriculum (or a user) can set CTKD's global tau; theta moves there
     module = CTKD(DigitsMLP(), DigitsCNN())
-    with pytest.raises(AttributeError, match="CTKD learns its temperature; it cannot be set"):
-        module.temperature = 3.0
     assert module.temperature == pytest.approx(1.0 + 20.0 * SIGMA_1, rel=1e-6)
+    module.temperature = 3.0
+    assert module.temperature == pytest.approx(3.0, rel=1e-6)
+    assert float(_tau(module.temperature_module.theta.detach())) == pytest.approx(3.0, rel=1e-6)
+    assert module.temperature_module.theta.requires_grad  # still learned
+    with pytest.raises(ValueError, match=r"learned temperature lives in \(1.0, 21.0\)"):
+        module.temperature = 25.0
+    instance = CTKD(DigitsMLP(), DigitsCNN(), temperature_mode="instance")
+    with pytest.raises(ValueError, match="an instance-wise learned temperature has one value per sample"):
+        instance.temperature = 3.0
 
 
 @pytest.mark.parametrize(

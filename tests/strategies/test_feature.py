@@ -339,9 +339,10 @@ def test_projection_weights_are_checkpointed_and_restored(digits_dm, make_traine
     trainer.fit(module, datamodule=digits_dm)
     (path,) = list(tmp_path.rglob("*.ckpt"))
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    proj_keys = sorted(k for k in state if k.startswith("projections."))
-    assert set(proj_keys) == {f"projections.{k}" for k in module.projections.state_dict()}
-    assert "projections.0.map.0.weight" in proj_keys and "projections.1.map.weight" in proj_keys
+    prefix = "objectives.feature.projections."  # the FeatureMatch objective's projections
+    proj_keys = sorted(k for k in state if k.startswith(prefix))
+    assert set(proj_keys) == {f"{prefix}{k}" for k in module.projections.state_dict()}
+    assert f"{prefix}0.map.0.weight" in proj_keys and f"{prefix}1.map.weight" in proj_keys
     assert not any(k.startswith("teacher.") for k in state)  # the teacher is not saved by default
 
     restored = FeatureDistillation.load_from_checkpoint(path, student=DigitsStudentCNN(), teacher=DigitsCNN())

@@ -123,8 +123,7 @@ def test_cosine_hidden_state_term_ignores_padding(seeded):
     vocab = 9
     module = FeatureDistillation(_lm(vocab), _lm(vocab, d=32), layer_map={"blocks.0": "blocks.0"}, feature_loss="cosine")
     x = torch.randint(1, vocab, (2, 6))
-    module.probe(x)  # builds the projection
-    module.on_probe(x, *module.probe(x))
+    module.build(x)  # the probe builds the projection
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 2:] = False
     target = torch.randint(0, vocab, (2, 6)).masked_fill(~mask, -100)

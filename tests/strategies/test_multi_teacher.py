@@ -269,7 +269,7 @@ def test_checkpoint_drops_teachers_keeps_gate_and_round_trips(digits_dm, make_tr
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
-    assert "gate.fc1.weight" in ckpt["state_dict"]
+    assert "objectives.kd.gate.fc1.weight" in ckpt["state_dict"]
     assert "teachers" not in ckpt["hyper_parameters"] and ckpt["hyper_parameters"]["weighting"] == "learned"
     torch.manual_seed(0)
     restored = MultiTeacherDistillation.load_from_checkpoint(path, student=DigitsMLP(hidden=8), teachers=_teachers(2))

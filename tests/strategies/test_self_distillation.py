@@ -64,7 +64,7 @@ def test_there_is_no_teacher():
     module = _module()
     assert module.teacher is None and not module.has_teacher
     assert (module.temperature, module.alpha, module.feature_weight) == (3.0, 0.3, 0.03)
-    with pytest.raises(ValueError, match="SelfDistillation has no teacher"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'teacher'"):  # no frozen-teacher options at all
         SelfDistillation(DigitsCNN(), exit_layers=["block1"], teacher=DigitsCNN())
 
 
@@ -114,7 +114,7 @@ def test_heads_are_built_from_probed_shapes():
     assert tuple(p1.weight.shape) == tuple(p2.weight.shape) == (64, 8)
     assert module.num_classes == 10 and module.final_feature_source == "output of 'block3'"
     names = {n for n, _ in module.named_parameters()}
-    assert "heads.0.classifier.weight" in names and "projections.1.weight" in names
+    assert "objectives.byot.heads.0.classifier.weight" in names and "objectives.byot.projections.1.weight" in names
 
 
 def test_vector_heads_and_default_final_feature():
@@ -135,9 +135,10 @@ def test_heads_need_a_probe_input(make_trainer):
     module = _module(num_classes=10)
     with pytest.raises(RuntimeError, match="heads do not exist yet"):
         module.head_outputs(torch.zeros(2, 1, 8, 8))
+    # plain dataloaders: the probe runs on the first batch, so the heads exist before the first step
     x, y = _batch(4)
-    with pytest.raises(ValueError, match="builds its heads from a probe forward and found no example input"):
-        make_trainer().validate(module, dataloaders=DataLoader(TensorDataset(x, y), batch_size=4), verbose=False)
+    make_trainer().validate(module, dataloaders=DataLoader(TensorDataset(x, y), batch_size=4), verbose=False)
+    assert len(module.heads) == 2 and module.final_feature_source == "output of 'block3'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,17 +175,18 @@ def test_deepest_head_is_a_detached_teacher():
     module = _module()
     x, y = _batch()
     module.build(x)
-    deepest, _ = module.forward_models(x)
-    out = module._outputs
-    terms = module.distillation_losses(deepest, None, Batch(x, y))
+    student, _ = module.forward_models(x)
+    deepest, final_feature = student.logits, student.features["block3"]  # the deepest head's logits and feature
+    terms = module.distillation_losses(student, None, Batch(x, y))
     # neither the KL nor the hint term reaches the deepest head (logits or feature) ...
-    grads = torch.autograd.grad(terms["kd_loss"], [deepest, out.final_feature], retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(terms["kd_loss"], [deepest, final_feature], retain_graph=True, allow_unused=True)
     assert all(g is None or not g.any() for g in grads)
-    grads = torch.autograd.grad(terms["feature_loss"], [deepest, out.final_feature], retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(terms["feature_loss"], [deepest, final_feature], retain_graph=True, allow_unused=True)
     assert all(g is None or not g.any() for g in grads)
-    # ... while they do train the shallow heads, and the CE trains the deepest head
-    assert torch.autograd.grad(terms["kd_loss"], out.logits[0], retain_graph=True)[0].abs().sum() > 0
-    assert torch.autograd.grad(terms["feature_loss"], out.features[1], retain_graph=True)[0].abs().sum() > 0
+    # ... while they do train the shallow heads (head 1's classifier, head 2's hint projection), and the CE trains
+    # the deepest head
+    assert torch.autograd.grad(terms["kd_loss"], module.heads[0].classifier.weight, retain_graph=True)[0].abs().sum() > 0
+    assert torch.autograd.grad(terms["feature_loss"], module.projections[1].weight, retain_graph=True)[0].abs().sum() > 0
     assert torch.autograd.grad(terms["task_loss"], deepest, retain_graph=True)[0].abs().sum() > 0
 
 
@@ -354,7 +356,7 @@ def test_load_from_checkpoint_rebuilds_the_heads_before_setup(digits_dm, make_tr
     trainer.fit(module, datamodule=digits_dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    assert any(k.startswith("heads.") for k in torch.load(path, weights_only=True)["state_dict"])
+    assert any(k.startswith("objectives.byot.heads.") for k in torch.load(path, weights_only=True)["state_dict"])
 
     restored = SelfDistillation.load_from_checkpoint(path, student=DigitsCNN())
     assert restored.exit_layers == ["block1", "block2"] and restored.exit_threshold == 0.7

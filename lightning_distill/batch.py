@@ -1,0 +1,264 @@
+"""Batches in one shape, and how a batch becomes a model call.
+
+Every module of the package reads a dataloader batch through :func:`unpack_batch`, which accepts
+what people's data actually yields:
+
+* a tensor ``x``;
+* a tuple / list ``(x,)``, ``(x, y)``, ``(x, y, index)`` or ``(x, y, index, mask)``;
+* a dict such as ``{"image": x, "label": y}`` or Hugging Face style
+  ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``.
+
+How a :class:`Batch` reaches a model is one replaceable piece, an *input routing*:
+
+* ``"positional"`` -- ``model(batch.input)``;
+* ``"keywords"`` / :class:`KeywordInputs` -- ``model(**inputs)`` with the batch's named inputs that the
+  model's ``forward`` accepts (a BERT teacher gets ``token_type_ids``, a student that does not take
+  them does not); :class:`KeywordInputs` can also list or rename the keys;
+* ``"auto"`` (default) -- keywords when the batch is a dict whose input names the model's ``forward``
+  accepts by name, the positional tensor otherwise;
+* any callable ``(model, batch) -> output``.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_distill.batch import call_model, unpack_batch
+    >>> b = unpack_batch({"x": torch.ones(2, 3), "label": torch.tensor([0, 1])})
+    >>> b.target.tolist(), sorted(b.inputs)
+    ([0, 1], ['x'])
+    >>> class KeywordModel(nn.Module):
+    ...     def forward(self, x, scale=1.0):
+    ...         return x * scale
+    >>> call_model(KeywordModel(), b).shape      # "auto": the model takes `x` by name
+    torch.Size([2, 3])
+    >>> call_model(nn.Linear(3, 4), b).shape     # nn.Linear.forward(input): the positional tensor
+    torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+from torch import Tensor, nn
+
+__all__ = [
+    "Batch",
+    "InputRouting",
+    "KeywordInputs",
+    "batch_size_of",
+    "call_model",
+    "clip_batch",
+    "resolve_routing",
+    "unpack_batch",
+]
+
+
+class Batch(NamedTuple):
+    """A batch in the one shape every strategy reads.
+
+    Attributes:
+        input: the model input (a tensor, or for dict batches the first of ``input``, ``inputs``,
+            ``x``, ``input_ids``, ``image``, ``images``).
+        target: labels, or ``None``; entries equal to ``ignore_index`` mark unlabelled samples / tokens.
+        index: each sample's position in its dataset (per-sample state such as a teacher cache or a
+            CRD memory bank is keyed on it), or ``None``.
+        mask: ``[N, L]``, True where a token is valid (token-level data), or ``None``.
+        inputs: for dict batches, every entry that is not a target or an index, by name (what
+            keyword routing passes to a model); ``None`` for tuple / tensor batches.
+        mixed: ``[N]`` booleans, True for samples that a batch transform (function matching) mixed
+            with another sample, or ``None``.
+    """
+
+    input: Any
+    target: Optional[Tensor] = None
+    index: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    inputs: Optional[dict[str, Any]] = None
+    mixed: Optional[Tensor] = None
+
+
+_INPUT_KEYS = ("input", "inputs", "x", "input_ids", "image", "images")
+_TARGET_KEYS = ("target", "targets", "y", "label", "labels")
+_MASK_KEYS = ("mask", "attention_mask")
+
+
+def unpack_batch(batch: Any) -> Batch:
+    """Normalise a dataloader batch into a :class:`Batch` (see the module docstring)."""
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, Mapping):
+
+        def first(keys: tuple[str, ...]) -> Any:
+            return next((batch[k] for k in keys if k in batch), None)
+
+        inp = first(_INPUT_KEYS)
+        if inp is None:
+            raise ValueError(f"a dict batch needs one of the keys {_INPUT_KEYS}, got keys {sorted(batch)}.")
+        named = {k: v for k, v in batch.items() if k not in _TARGET_KEYS and k != "index"}
+        return Batch(inp, first(_TARGET_KEYS), batch.get("index"), first(_MASK_KEYS), named)
+    if isinstance(batch, (tuple, list)):
+        if 1 <= len(batch) <= 4:
+            return Batch(*batch)
+        raise ValueError(f"a tuple batch must be (input[, target[, index[, mask]]]), got {len(batch)} elements.")
+    if isinstance(batch, Tensor):
+        return Batch(batch)
+    raise TypeError(f"cannot read a batch of type {type(batch).__name__}.")
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Number of samples of ``batch`` (the first dimension of its input)."""
+    inp = batch.input
+    return int(inp.shape[0]) if isinstance(inp, Tensor) else len(inp)
+
+
+def clip_batch(batch: Batch, n: int) -> Batch:
+    """The first ``n`` samples of every tensor of ``batch`` (what a shape probe needs)."""
+
+    def clip(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim > 0:
+            return value[:n]
+        if isinstance(value, dict):
+            return {k: clip(v) for k, v in value.items()}
+        return value
+
+    return Batch(*(clip(v) for v in batch))
+
+
+# ------------------------------------------------------------------------------------ routing
+#: ``model -> (names its forward accepts by keyword, whether it takes **kwargs)``, read once per model
+_SIGNATURES: "weakref.WeakKeyDictionary[Any, tuple[frozenset[str], bool]]" = weakref.WeakKeyDictionary()
+
+
+def _forward_parameters(model: Any) -> tuple[frozenset[str], bool]:
+    """Names ``model.forward`` accepts by keyword, and whether it takes ``**kwargs`` (remembered per model)."""
+    try:
+        return _SIGNATURES[model]
+    except (KeyError, TypeError):  # not seen yet, or not weak-referenceable (a plain function)
+        pass
+    try:
+        params = inspect.signature(getattr(model, "forward", model)).parameters.values()
+    except (TypeError, ValueError):  # builtins / compiled callables without a signature
+        found: tuple[frozenset[str], bool] = (frozenset(), True)
+    else:
+        named = frozenset(
+            p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
+        found = (named, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
+    try:
+        _SIGNATURES[model] = found
+    except TypeError:
+        pass
+    return found
+
+
+class InputRouting:
+    """How a :class:`Batch` becomes a model call: ``routing(model, batch) -> model output``.
+
+    The base class is the ``"auto"`` rule of the module docstring; :class:`KeywordInputs` and the
+    ``"positional"`` / ``"keywords"`` modes are its variants. The accepted names of each model's
+    ``forward`` are read once and remembered (weakly: a model that is garbage-collected is forgotten).
+    """
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode not in ("auto", "positional", "keywords"):
+            raise ValueError(
+                f"input routing must be one of ('auto', 'positional', 'keywords'), a KeywordInputs or a callable "
+                f"(model, batch) -> output, got {mode!r}."
+            )
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mode!r})"
+
+    def keyword_inputs(self, model: nn.Module, batch: Batch) -> Optional[dict[str, Any]]:
+        """The keyword arguments for ``model``, or ``None`` for a positional call."""
+        if self.mode == "positional" or batch.inputs is None:
+            return None
+        named, var_kw = _forward_parameters(model)
+        kwargs = {k: v for k, v in batch.inputs.items() if k in named}
+        if self.mode == "keywords":
+            if not kwargs and not var_kw:
+                raise ValueError(
+                    f"keyword input routing: {type(model).__name__}.forward accepts none of the batch's inputs "
+                    f"{sorted(batch.inputs)} by name (it takes {sorted(named)}). Rename the batch keys, use a "
+                    "KeywordInputs(rename={...}), or route the positional input ('positional')."
+                )
+            return kwargs if not var_kw else dict(batch.inputs)
+        return kwargs or None
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Any:
+        kwargs = self.keyword_inputs(model, batch)
+        return model(batch.input) if kwargs is None else model(**kwargs)
+
+
+class KeywordInputs(InputRouting):
+    """Keyword routing with explicit keys: ``model(**{rename.get(k, k): batch.inputs[k] for k in keys})``.
+
+    Args:
+        keys: the batch entries to pass (default: all of them that the model accepts).
+        rename: ``{batch key: forward argument name}`` for models whose argument names differ from
+            the batch's (``{"image": "pixel_values"}``).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_distill.batch import Batch, KeywordInputs
+        >>> route = KeywordInputs(keys=["pixels"], rename={"pixels": "x"})
+        >>> route(lambda x: x + 1, Batch(None, inputs={"pixels": torch.zeros(1)})).tolist()
+        [1.0]
+    """
+
+    def __init__(self, keys: Optional[Sequence[str]] = None, rename: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__("keywords")
+        if isinstance(keys, str):
+            keys = [keys]
+        self.keys = None if keys is None else list(keys)
+        self.rename = dict(rename or {})
+
+    def __repr__(self) -> str:
+        return f"KeywordInputs(keys={self.keys!r}, rename={self.rename!r})"
+
+    def keyword_inputs(self, model: Any, batch: Batch) -> Optional[dict[str, Any]]:
+        if batch.inputs is None:
+            raise ValueError(
+                "KeywordInputs routes named batch entries, but this batch is a tuple / tensor: use a dataset that "
+                "yields dicts, or the positional routing."
+            )
+        keys = self.keys if self.keys is not None else list(batch.inputs)
+        missing = [k for k in keys if k not in batch.inputs]
+        if missing:
+            raise ValueError(f"KeywordInputs: the batch has no entries {missing}; it has {sorted(batch.inputs)}.")
+        return {self.rename.get(k, k): batch.inputs[k] for k in keys}
+
+    def __call__(self, model: Any, batch: Batch) -> Any:
+        return model(**self.keyword_inputs(model, batch))
+
+
+RoutingLike = Union[str, InputRouting, Callable[[nn.Module, Batch], Any]]
+
+
+def resolve_routing(routing: Optional[RoutingLike], argument: str = "inputs") -> Callable[[nn.Module, Batch], Any]:
+    """An :class:`InputRouting` from ``"auto"`` / ``"positional"`` / ``"keywords"``, an instance or a callable."""
+    if routing is None:
+        return InputRouting("auto")
+    if isinstance(routing, str):
+        try:
+            return InputRouting(routing)
+        except ValueError as err:
+            raise ValueError(f"`{argument}`: {err}") from None
+    if callable(routing):
+        return routing
+    raise TypeError(
+        f"`{argument}` must be 'auto', 'positional', 'keywords', a KeywordInputs or a callable (model, batch) -> "
+        f"output, got {type(routing).__name__}."
+    )
+
+
+_DEFAULT_ROUTING = InputRouting("auto")
+
+
+def call_model(model: nn.Module, batch: Batch, routing: Optional[Callable[[nn.Module, Batch], Any]] = None) -> Any:
+    """``model``'s raw output for ``batch`` through ``routing`` (default ``"auto"``)."""
+    return (routing or _DEFAULT_ROUTING)(model, batch)
