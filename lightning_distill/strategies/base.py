@@ -20,45 +20,7 @@ from lightning_distill.distiller import DistillationModule, check_alpha
 from lightning_distill.losses import check_temperature
 from lightning_distill.teachers import CachedTeacher, FrozenTeacher, TeacherSource
 
-__all__ = ["DistillationModule", "SingleTeacherDistillation", "check_alpha", "check_temperature", "frozen_teacher"]
-
-
-def frozen_teacher(
-    owner: type,
-    teacher: Union[nn.Module, TeacherSource, None],
-    teacher_checkpoint: Optional[str] = None,
-    save_teacher: bool = False,
-    teacher_train_mode: bool = False,
-    teacher_dtype: Optional[str] = None,
-    teacher_cache: Any = None,
-) -> Optional[TeacherSource]:
-    """The teacher source of a preset from its flat ``teacher_*`` arguments (``owner`` names it in errors)."""
-    name = owner.__name__
-    if teacher_cache is not None and not getattr(owner, "supports_teacher_cache", True):
-        raise ValueError(
-            f"{name} cannot use `teacher_cache`: its teacher changes during training or its step needs more "
-            "than the teacher's logits. Remove teacher_cache."
-        )
-    if isinstance(teacher, TeacherSource):
-        given = {"teacher_checkpoint": teacher_checkpoint, "teacher_dtype": teacher_dtype, "teacher_cache": teacher_cache}
-        clash = [k for k, v in given.items() if v is not None] + (["save_teacher"] if save_teacher else []) + (
-            ["teacher_train_mode"] if teacher_train_mode else []
-        )
-        if clash:
-            raise ValueError(
-                f"{name}: `teacher` is already a {type(teacher).__name__}; set {clash} on it instead of on {name}."
-            )
-        return teacher
-    if teacher is None:
-        if teacher_checkpoint is not None:
-            raise ValueError("`teacher_checkpoint` was given but `teacher` is None: pass the teacher architecture too.")
-        if teacher_cache is not None:
-            raise ValueError(f"`teacher_cache` was given but {name} has no frozen teacher to cache.")
-        return None
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f"`teacher` must be a torch.nn.Module or None, got {type(teacher).__name__}.")
-    source = FrozenTeacher(teacher, teacher_checkpoint, teacher_dtype, teacher_train_mode, save_teacher, prefix="teacher_")
-    return CachedTeacher(source, teacher_cache) if teacher_cache is not None else source
+__all__ = ["DistillationModule", "SingleTeacherDistillation", "check_alpha", "check_temperature"]
 
 
 class SingleTeacherDistillation(DistillationModule):
@@ -96,13 +58,42 @@ class SingleTeacherDistillation(DistillationModule):
     ) -> None:
         if isinstance(teacher, nn.Module) and teacher is student:
             raise ValueError("`teacher` and `student` are the same module object; pass two separate modules.")
-        source = frozen_teacher(
-            type(self), teacher, teacher_checkpoint, save_teacher, teacher_train_mode, teacher_dtype, teacher_cache
-        )
-        super().__init__(student, source, **kwargs)
+        options = {"teacher_checkpoint": teacher_checkpoint, "save_teacher": save_teacher,
+                   "teacher_train_mode": teacher_train_mode, "teacher_dtype": teacher_dtype, "teacher_cache": teacher_cache}
+        super().__init__(student, self._source(teacher, **options), **kwargs)
         self.teacher_checkpoint = teacher_checkpoint
         self.teacher_train_mode = bool(teacher_train_mode)
         self.teacher_cache = teacher_cache
+
+    @classmethod
+    def _source(
+        cls, teacher: Union[nn.Module, TeacherSource, None], teacher_checkpoint: Optional[str], save_teacher: bool,
+        teacher_train_mode: bool, teacher_dtype: Optional[str], teacher_cache: Any,
+    ) -> Optional[TeacherSource]:
+        """The teacher source from the flat arguments (a FrozenTeacher, cached when asked)."""
+        name = cls.__name__
+        if teacher_cache is not None and not cls.supports_teacher_cache:
+            raise ValueError(
+                f"{name} cannot use `teacher_cache`: its teacher changes during training or its step needs more "
+                "than the teacher's logits. Remove teacher_cache."
+            )
+        if isinstance(teacher, TeacherSource):
+            given = [k for k, v in (("teacher_checkpoint", teacher_checkpoint), ("teacher_dtype", teacher_dtype),
+                                    ("teacher_cache", teacher_cache), ("save_teacher", save_teacher or None),
+                                    ("teacher_train_mode", teacher_train_mode or None)) if v is not None]
+            if given:
+                raise ValueError(f"{name}: `teacher` is already a {type(teacher).__name__}; set {given} on it instead.")
+            return teacher
+        if teacher is None:
+            if teacher_checkpoint is not None:
+                raise ValueError("`teacher_checkpoint` was given but `teacher` is None: pass the teacher architecture too.")
+            if teacher_cache is not None:
+                raise ValueError(f"`teacher_cache` was given but {name} has no frozen teacher to cache.")
+            return None
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"`teacher` must be a torch.nn.Module or None, got {type(teacher).__name__}.")
+        source = FrozenTeacher(teacher, teacher_checkpoint, teacher_dtype, teacher_train_mode, save_teacher, prefix="teacher_")
+        return CachedTeacher(source, teacher_cache) if teacher_cache is not None else source
 
     @property
     def save_teacher(self) -> bool:

@@ -8,13 +8,12 @@ from torch import nn
 
 from lightning_distill.objectives import CRDLoss
 from lightning_distill.objectives.contrastive import _nce_loss
-from lightning_distill.strategies.base import SingleTeacherDistillation
-from lightning_distill.strategies.kd import KDPreset, kd_objectives
+from lightning_distill.strategies.kd import KnowledgeDistillation
 
 __all__ = ["CRD", "_nce_loss"]
 
 
-class CRD(KDPreset, SingleTeacherDistillation):
+class CRD(KnowledgeDistillation):
     r"""Contrastive representation distillation (Tian, Krishnan & Isola, ICLR 2020, arXiv:1910.10699).
 
     .. math::
@@ -22,7 +21,8 @@ class CRD(KDPreset, SingleTeacherDistillation):
         \mathcal{L} = (1-\alpha)\,\mathrm{CE}(z_S, y) + \alpha\,T^2\,\mathrm{KL}
                       + \beta\,\big(\ell(x^t) + \ell(x^s)\big)
 
-    The objectives ``task``, ``kd`` and ``crd`` (:class:`~lightning_distill.objectives.CRDLoss`, where the
+    :class:`~lightning_distill.strategies.kd.KnowledgeDistillation` (objectives ``task`` and ``kd``) plus
+    ``crd`` (:class:`~lightning_distill.objectives.CRDLoss`, where the
     memory banks, the NCE criterion and their numerics are documented). Needs batches
     ``(input, target, index)`` with ``index`` the sample's position in the training set.
 
@@ -37,10 +37,10 @@ class CRD(KDPreset, SingleTeacherDistillation):
         nce_momentum: :math:`m \in [0, 1)` of the memory update.
         crd_weight: :math:`\beta \ge 0`, the weight of the CRD term.
         num_samples: rows of each bank = training-set size; ``None`` takes it from the training data.
-        temperature, alpha, kl, skew, standardize: the logit KD term. The defaults give RepDistiller's CIFAR-100 setting: CE
-            weight 1, KD weight 0 (``alpha=0``), CRD weight 0.8.
-        **kwargs: ``teacher_checkpoint``, ``optimizer``, ... of
-            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
+        alpha: weight of the logit KD term. The default gives RepDistiller's CIFAR-100 setting: CE weight 1,
+            KD weight 0 (``alpha=0``), CRD weight 0.8.
+        **kwargs: ``temperature``, ``kl``, ``teacher_checkpoint``, ``optimizer``, ... of
+            :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`.
 
     Example::
 
@@ -74,17 +74,9 @@ class CRD(KDPreset, SingleTeacherDistillation):
         nce_momentum: float = 0.5,
         crd_weight: float = 0.8,
         num_samples: Optional[int] = None,
-        temperature: float = 4.0,
         alpha: float = 0.0,
-        kl: str = "forward",
-        skew: float = 0.1,
-        standardize: bool = False,
         **kwargs: Any,
     ) -> None:
         crd = CRDLoss(student_layer, teacher_layer, feat_dim, num_negatives, nce_temperature, nce_momentum, crd_weight,
                       num_samples)
-        if teacher is None:
-            raise ValueError("CRD needs a `teacher` module.")
-        objectives = kd_objectives(alpha, temperature, kl, skew, standardize)
-        objectives["crd"] = crd
-        super().__init__(student, teacher, objectives=objectives, **kwargs)
+        super().__init__(student, teacher, alpha=alpha, objectives={"crd": crd}, **kwargs)

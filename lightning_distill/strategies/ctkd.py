@@ -7,8 +7,7 @@ from typing import Any, Optional, Union
 from torch import Tensor, nn
 
 from lightning_distill.objectives import FeatureMatch
-from lightning_distill.strategies.base import SingleTeacherDistillation
-from lightning_distill.strategies.kd import KDPreset, kd_objectives
+from lightning_distill.strategies.kd import KnowledgeDistillation
 from lightning_distill.temperature import (
     GlobalTemperature,
     GradientReversal,
@@ -21,7 +20,7 @@ from lightning_distill.temperature import (
 __all__ = ["CTKD", "GlobalTemperature", "GradientReversal", "InstanceTemperature", "cosine_ramp", "grad_reverse"]
 
 
-class CTKD(KDPreset, SingleTeacherDistillation):
+class CTKD(KnowledgeDistillation):
     r"""Learnable, adversarial distillation temperature through a gradient reversal layer.
 
     Hinton's objective whose temperature is a :class:`~lightning_distill.temperature.LearnedTemperature`:
@@ -62,13 +61,11 @@ class CTKD(KDPreset, SingleTeacherDistillation):
         anchor, anchor_weight: the anchor term (off when ``anchor_weight`` is 0).
         temperature_lr: learning rate of the temperature module (own group); default: the optimizer's.
         instance_hidden: hidden units of the instance-mode MLP.
-        alpha, kl, skew, standardize: the logit term, as in
-            :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`.
         features: an optional :class:`~lightning_distill.objectives.FeatureMatch` added to the logit term, or
             a dict of its arguments (``{layer_map: {block3: block2}, loss: cosine}``; kept in the checkpoint's
             hyperparameters, so ``load_from_checkpoint`` rebuilds it).
-        **kwargs: ``teacher_checkpoint``, ``optimizer``, ... of
-            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
+        **kwargs: ``alpha``, ``kl``, ``teacher_checkpoint``, ``optimizer``, ... of
+            :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`.
 
     Example::
 
@@ -94,18 +91,18 @@ class CTKD(KDPreset, SingleTeacherDistillation):
         anchor_weight: float = 0.0,
         temperature_lr: Optional[float] = None,
         instance_hidden: int = 256,
-        alpha: float = 0.9,
-        kl: str = "forward",
-        skew: float = 0.1,
-        standardize: bool = False,
         features: Union[FeatureMatch, dict[str, Any], None] = None,
         **kwargs: Any,
     ) -> None:
+        if "temperature" in kwargs:
+            raise ValueError(
+                "CTKD learns its temperature: give `init_temperature` (and t_start / t_range), not `temperature`."
+            )
         learned = LearnedTemperature(
             temperature_mode, t_start, t_range, init_temperature, lambda_max, lambda_epochs, lambda_per_step,
             anchor, anchor_weight, temperature_lr, instance_hidden,
         )
-        objectives = kd_objectives(alpha, learned, kl, skew, standardize)
+        objectives = {}
         feature = FeatureMatch(**features) if isinstance(features, dict) else features
         if feature is not None:
             if not isinstance(feature, FeatureMatch):
@@ -114,7 +111,7 @@ class CTKD(KDPreset, SingleTeacherDistillation):
                     f"{type(feature).__name__}."
                 )
             objectives["feature"] = feature
-        super().__init__(student, teacher, objectives=objectives, **kwargs)
+        super().__init__(student, teacher, temperature=learned, objectives=objectives, **kwargs)
 
     @property
     def learned_temperature(self) -> LearnedTemperature:

@@ -8,14 +8,13 @@ from torch import Tensor, nn
 
 from lightning_distill.objectives import FEATURE_LOSSES, PROJECTIONS, FeatureMatch
 from lightning_distill.objectives.base import StepInfo
-from lightning_distill.strategies.base import SingleTeacherDistillation
-from lightning_distill.strategies.kd import KDPreset, kd_objectives
+from lightning_distill.strategies.kd import KnowledgeDistillation
 from lightning_distill.validation import check_int
 
 __all__ = ["FEATURE_LOSSES", "PROJECTIONS", "FeatureDistillation"]
 
 
-class FeatureDistillation(KDPreset, SingleTeacherDistillation):
+class FeatureDistillation(KnowledgeDistillation):
     r"""Distill intermediate features of named layers, plus the logit KD term.
 
     .. math::
@@ -23,8 +22,7 @@ class FeatureDistillation(KDPreset, SingleTeacherDistillation):
         \mathcal{L} = (1-\alpha)\,\mathrm{CE} + \alpha\, T^2\, \mathrm{KL}
                       + \sum_{(t, s) \in \text{pairs}} \beta_{(t,s)}\, \ell\big(P(f_s), f_t\big)
 
-    The objectives ``task`` (:class:`~lightning_distill.objectives.CrossEntropy`), ``kd``
-    (:class:`~lightning_distill.objectives.LogitKD`) and ``feature``
+    :class:`KnowledgeDistillation` (objectives ``task`` and ``kd``) plus the objective ``feature``
     (:class:`~lightning_distill.objectives.FeatureMatch`, where the feature losses, the layer mappings and
     the projections are documented). Layers are named as in ``model.named_modules()``; a probe before
     training finds their shapes and builds every projection before the optimizer exists, so projections
@@ -47,8 +45,9 @@ class FeatureDistillation(KDPreset, SingleTeacherDistillation):
         projection_lr: learning rate of the projections (own parameter group); default: the optimizer's.
         hint_epochs: FitNets' first stage: for this many epochs only the feature terms train the student
             (hint training), then the full objective applies.
-        temperature, alpha, kl, skew, standardize: the logit term, as in :class:`KnowledgeDistillation`;
-            ``alpha=0`` leaves cross-entropy + feature terms (RepDistiller's setting for FitNets).
+        **kwargs: the logit term (``temperature``, ``alpha``, ``kl``, ...; ``alpha=0`` leaves cross-entropy
+            + feature terms, RepDistiller's setting for FitNets) and the teacher options of
+            :class:`KnowledgeDistillation`.
 
     Example::
 
@@ -77,26 +76,20 @@ class FeatureDistillation(KDPreset, SingleTeacherDistillation):
         student_select: Union[int, dict[str, int], None] = None,
         projection_lr: Optional[float] = None,
         hint_epochs: int = 0,
-        temperature: float = 4.0,
-        alpha: float = 0.9,
-        kl: str = "forward",
-        skew: float = 0.1,
-        standardize: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.hint_epochs = check_int("hint_epochs", hint_epochs, minimum=0)
+        check_int("hint_epochs", hint_epochs, minimum=0)
         if not layer_map and not (teacher_layers and student_layers):
             raise ValueError(
                 f"{type(self).__name__} needs layers: pass `layer_map` ({{teacher_layer: student_layer}}) or "
                 "`teacher_layers` and `student_layers` with a `mapping` (uniform | skip | last)."
             )
-        objectives = kd_objectives(alpha, temperature, kl, skew, standardize)
-        objectives["feature"] = FeatureMatch(
+        feature = FeatureMatch(
             layer_map, teacher_layers, student_layers, mapping, mapping_step, feature_loss, feature_weight,
             projection=projection, projector=projector, teacher_select=teacher_select,
             student_select=student_select, projection_lr=projection_lr,
         )
-        super().__init__(student, teacher, objectives=objectives, **kwargs)
+        super().__init__(student, teacher, objectives={"feature": feature}, **kwargs)
         self.hint_epochs = hint_epochs
 
     @property

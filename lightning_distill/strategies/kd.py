@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
-from lightning_distill.objectives import CrossEntropy, LogitKD
+from lightning_distill.objectives import CrossEntropy, LogitKD, Objective
 from lightning_distill.strategies.base import SingleTeacherDistillation, check_alpha
 from lightning_distill.temperature import Temperature
 
@@ -73,6 +73,8 @@ class KnowledgeDistillation(KDPreset, SingleTeacherDistillation):
         skew: mixing share of the skew divergences, in [0, 1) (DistiLLM's default 0.1).
         standardize: logit standardisation (Sun et al. 2024, arXiv:2403.01427): z-score both models'
             logits before the temperature.
+        objectives: more objectives added to the two (``{"feature": FeatureMatch(...)}``): the other
+            presets are KD plus one term.
         **kwargs: ``teacher_checkpoint``, ``teacher_dtype``, ``teacher_cache``, ``pseudo_labels``,
             ``optimizer``, ``lr_scheduler``, ... of :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
 
@@ -100,8 +102,14 @@ class KnowledgeDistillation(KDPreset, SingleTeacherDistillation):
         kl: str = "forward",
         skew: float = 0.1,
         standardize: bool = False,
+        objectives: Optional[Mapping[str, Objective]] = None,
         **kwargs: Any,
     ) -> None:
         if teacher is None:
             raise ValueError(f"{type(self).__name__} needs a `teacher` module.")
-        super().__init__(student, teacher, objectives=kd_objectives(alpha, temperature, kl, skew, standardize), **kwargs)
+        named = kd_objectives(alpha, temperature, kl, skew, standardize)
+        for key, objective in dict(objectives or {}).items():
+            if key in named:
+                raise ValueError(f"`objectives`: {key!r} is the preset's own term; name the extra objective otherwise.")
+            named[key] = objective
+        super().__init__(student, teacher, objectives=named, **kwargs)

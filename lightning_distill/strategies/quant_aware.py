@@ -18,13 +18,12 @@ from lightning_distill.quantization import (
     quantized_layers,
     save_quantized,
 )
-from lightning_distill.strategies.base import SingleTeacherDistillation
-from lightning_distill.strategies.kd import KDPreset, kd_objectives
+from lightning_distill.strategies.kd import KnowledgeDistillation
 
 __all__ = ["QuantAwareDistillation"]
 
 
-class QuantAwareDistillation(KDPreset, SingleTeacherDistillation):
+class QuantAwareDistillation(KnowledgeDistillation):
     r"""Quantisation-aware distillation: Hinton KD into a student whose weights are fake-quantised.
 
     The student's ``nn.Linear`` / ``nn.Conv`` weights are replaced in ``__init__`` by their fake-quantised
@@ -63,9 +62,8 @@ class QuantAwareDistillation(KDPreset, SingleTeacherDistillation):
             (:class:`~lightning_distill.quantization.QuantOptions`; ``bits`` is validated but ignored when
             ``ternary=True``).
         skip: names of Linear / Conv layers of the student to keep in float (e.g. ``["head"]``).
-        temperature, alpha, kl, skew, standardize: the KD term, as in :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`.
-        **kwargs: ``teacher_checkpoint``, ``optimizer``, ... of
-            :class:`~lightning_distill.strategies.base.SingleTeacherDistillation`.
+        **kwargs: the KD term (``temperature``, ``alpha``, ``kl``, ...) and ``teacher_checkpoint``,
+            ``optimizer``, ... of :class:`~lightning_distill.strategies.kd.KnowledgeDistillation`.
 
     Module objects with parametrizations cannot be pickled: use the ``ddp`` strategy (not ``ddp_spawn``);
     checkpoints (state dicts) are unaffected.
@@ -92,11 +90,6 @@ class QuantAwareDistillation(KDPreset, SingleTeacherDistillation):
         error_diffusion: float = 0.0,
         activation_bits: Optional[int] = None,
         skip: Sequence[str] = (),
-        temperature: float = 4.0,
-        alpha: float = 0.9,
-        kl: str = "forward",
-        skew: float = 0.1,
-        standardize: bool = False,
         **kwargs: Any,
     ) -> None:
         options = QuantOptions(
@@ -107,12 +100,11 @@ class QuantAwareDistillation(KDPreset, SingleTeacherDistillation):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
         if teacher is None:
             raise ValueError("QuantAwareDistillation needs a `teacher` module.")
-        objectives = kd_objectives(alpha, temperature, kl, skew, standardize)
         # quantised before the base class sees it (the optimizer and checkpoints hold the latent weights);
         # undone if any later argument check fails, so a failed construction leaves the student as it was
         quantize_model(student, options, skip=skip)
         try:
-            super().__init__(student, teacher, objectives=objectives, **kwargs)
+            super().__init__(student, teacher, **kwargs)
         except BaseException:
             _unquantize(student)
             raise
