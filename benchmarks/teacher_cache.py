@@ -234,7 +234,7 @@ def run_pair(name: str, args: argparse.Namespace, directory: Optional[str]) -> l
         f"| (c) KnowledgeDistillation + TeacherCache({args.storage}) | {med['c']:.3f} s | {len(dataset) / med['c']:.0f} "
         f"| {med['c'] / med['a']:.2f} |",
         "",
-        f"c/a <= 1.15 (issue target): {target}; all epoch times (s): "
+        f"c/a <= 1.15 (target): {target}; all epoch times (s): "
         + "; ".join(f"{v}: " + ", ".join(f"{t:.3f}" for t in times[v]) for v in "abc"),
         "",
     ]

@@ -65,7 +65,7 @@ def check_layer_names(model: nn.Module, names: Sequence[str], role: str, argumen
 def map_layers(
     teacher_layers: Sequence[str], student_layers: Sequence[str], mapping: str = "uniform", step: Optional[int] = None
 ) -> list[tuple[str, str]]:
-    r"""Pair M student layers with M of N teacher layers (TinyBERT / PKD layer mappings, seed 004).
+    r"""Pair M student layers with M of N teacher layers (the layer mappings of TinyBERT and PKD).
 
     With layers numbered from 1, student layer :math:`j` is paired with teacher layer :math:`\varphi(j)`:
 
@@ -73,6 +73,9 @@ def map_layers(
     * ``"skip"``: :math:`\varphi(j) = j k`, every k-th teacher layer, ``k = step`` (default
       :math:`\lfloor N/M \rfloor`; PKD-skip);
     * ``"last"``: :math:`\varphi(j) = N - M + j`, the last M teacher layers (PKD-last).
+
+    TinyBERT: Jiao et al. 2020, arXiv:1909.10351; PKD ("Patient Knowledge Distillation for BERT
+    Model Compression"): Sun et al. 2019, arXiv:1908.09355.
 
     Returns ``[(teacher_layer, student_layer), ...]`` in student order.
 

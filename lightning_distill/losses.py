@@ -4,7 +4,7 @@ Every function here is stateless: tensors in, a tensor out. Strategies in
 :mod:`lightning_distill.strategies` combine them; tests in ``tests/test_losses.py`` check
 them against independently computed values.
 
-Conventions shared by every function (see ``DESIGN.md`` §2):
+Conventions shared by every function:
 
 * divergences are computed in float32 and in log space, whatever the input dtype or an
   enclosing autocast region, so they stay finite for logits of magnitude 1e4 and under bf16;

@@ -427,7 +427,7 @@ PAIR_LOSSES = {
 @FAST
 @given(data=st.data())
 def test_loss_is_nonnegative_and_finite(name, data):
-    """FALSIFY-DISTILL-HS-001: every feature loss is >= 0 and finite, for any values."""
+    """Every feature loss is >= 0 and finite, for any values."""
     same = name in ("mse", "cosine")
     s, t = data.draw(_pair(same_dim=same, elements=_wide))
     value = PAIR_LOSSES[name](s, t)

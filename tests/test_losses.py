@@ -237,14 +237,14 @@ def test_hand_computed_forward_value():
     #   KL(p_T || p_S) = 0.465836*(-0.299554) + 0.362793*0.450446 + 0.171371*0.200446
     #                  = -0.139543 + 0.163419 + 0.034351 = 0.058227
     #   T^2 * KL = 4 * 0.058227 = 0.232907
-    # (The task brief quotes "4 x 0.05820 ~ 0.2328"; the exact value is 0.058227 -> 0.23291, which
-    # is also what the kd_loss docstring example prints after rounding: 0.2329.)
+    # (Rounded more coarsely this is "4 x 0.05820 ~ 0.2328"; the exact value is 0.058227 -> 0.23291,
+    # which is also what the kd_loss docstring example prints after rounding: 0.2329.)
     s = torch.tensor([[2.0, 0.0, -1.0]])
     t = torch.tensor([[1.0, 0.5, -1.0]])
     loss = kd_loss(s, t, temperature=2.0, kl="forward")
     assert loss.shape == () and loss.dtype == torch.float32
     assert loss.item() == pytest.approx(0.232907, abs=2e-6)
-    assert loss.item() == pytest.approx(4 * 0.05820, abs=5e-4)  # the brief's rounded figure
+    assert loss.item() == pytest.approx(4 * 0.05820, abs=5e-4)  # the coarser rounding 4 x 0.05820
     assert _ref_kd_loss(s, t, 2.0).item() == pytest.approx(0.2329068382, abs=1e-9)
 
 

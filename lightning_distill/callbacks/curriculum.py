@@ -70,7 +70,7 @@ class ProgressiveCurriculum(L.Callback):
     **Stage transitions** (checked at the end of every epoch, same decision on every rank):
 
     * ``"time"`` -- stage s ends after ``stage_ends[s]`` of ``max_epochs`` (default: equal parts;
-      seed 004 uses 0.4, 0.7);
+      e.g. ``[0.4, 0.7]`` ends stages 1 and 2 after 40 % and 70 % of the epochs);
     * ``"loss_plateau"`` -- when the epoch-mean training loss (averaged over processes) fell by less
       than ``plateau_epsilon`` per epoch over the last ``plateau_window`` epochs of the stage;
     * ``"val_metric"`` -- when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.

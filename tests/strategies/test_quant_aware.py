@@ -64,7 +64,7 @@ def test_student_forward_equals_a_manual_fake_quantised_forward(opts, seeded):
 
 
 def test_loss_terms_are_kd_of_the_quantised_student(seeded):
-    """alpha=0.5, temperature=5.0 is seed 002's alpha_ce=0.5, tau=5: 0.5 CE + 0.5 tau^2 KL."""
+    """alpha=0.5, temperature=5.0 (tau = 5) weight the terms as 0.5 CE + 0.5 tau^2 KL."""
     module = _qad(alpha=0.5, temperature=5.0)
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
     s, t = (out.logits for out in module.forward_models(x))
