@@ -38,6 +38,7 @@ learned temperature), and left out of checkpoints unless the source says ``save`
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -344,8 +345,13 @@ class DistillationModule(TrainingModule):
         """
         b = batch if isinstance(batch, Batch) else Batch(batch)
         source = self.teacher_source
-        teacher = source.outputs(b) if source is not None else None
+        teacher = source.outputs(b) if source is not None and self.reads_teacher else None
         return self.student_outputs(b), teacher
+
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether a training step needs the teacher's outputs (an objective reads them, or pseudo-labels)."""
+        return self.pseudo_labels is not None or any(o.needs_teacher for o in self.objectives.values())
 
     def teacher_forward(self, inputs: Any) -> Optional[Tensor]:
         """The teacher's logits for a model input (eval mode, ``no_grad``), or ``None`` without a teacher."""
@@ -486,11 +492,15 @@ class DistillationModule(TrainingModule):
         return self.student_routing(self.student, b)
 
     def eval_logits(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
-        """``(student logits, teacher logits or None)`` of an evaluation batch."""
+        """``(student logits, teacher logits or None)`` of an evaluation batch; several teachers' stacked logits
+        ``[M, N, ...]`` (a :class:`~lightning_distill.teachers.TeacherEnsemble`) are evaluated as their
+        ensemble, the log of their mean probabilities."""
         student = as_outputs(self.student_routing(self.student, batch), "the student").logits
         source = self.teacher_source
-        teacher = source.eval_outputs(batch) if source is not None else None
-        return student, (teacher.logits if teacher is not None else None)
+        teacher = source.eval_outputs(batch).logits if source is not None else None
+        if teacher is not None and teacher.ndim == student.ndim + 1:
+            teacher = teacher.float().log_softmax(-1).logsumexp(0) - math.log(teacher.shape[0])
+        return student, teacher
 
     def _eval_step(self, stage: str, batch: Any) -> None:
         b = unpack_batch(batch)
@@ -527,9 +537,8 @@ class DistillationModule(TrainingModule):
         if self.teacher_source is not None:
             self.teacher_source.on_train_start(self)
         for objective in self.objectives.values():
-            hook = getattr(objective, "on_train_start", None)
-            if callable(hook):
-                hook()
+            objective.on_train_start(self)
+        self._batch_checked = False
         exempt = self.eval_mode_modules()
         stray = [n for n, m in self.named_modules() if not m.training and id(m) not in exempt]
         if stray:
@@ -537,6 +546,15 @@ class DistillationModule(TrainingModule):
                 f"{len(stray)} non-teacher module(s) are in eval mode at the start of training: {stray[:5]}",
                 stacklevel=2,
             )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        super().on_train_batch_start(batch, batch_idx)
+        if not self.__dict__.get("_batch_checked", True):  # the first batch: refused before any forward
+            b = unpack_batch(batch)
+            for objective in self.objectives.values():
+                objective.check_batch(b)
+            self._batch_checked = True
+        return None
 
     def teardown(self, stage: str) -> None:
         self._drop_eval_warning_filter()

@@ -86,7 +86,6 @@ class TrainingModule(L.LightningModule):
         self.token_level = False  # set by the probe: logits [N, L, V] (language models)
         self._probe_spec: Optional[dict[str, Any]] = None  # what the probe ran on (saved in checkpoints)
         self._probe_pending = False  # no example before training: probe the first batch
-        self._rebuild_optimizers = False  # the first batch's probe created trainable parts
 
     # ------------------------------------------------------------------ batches and losses
     unpack_batch = staticmethod(unpack_batch)
@@ -318,13 +317,12 @@ class TrainingModule(L.LightningModule):
                     "gradients would not be synchronised across processes. Set `module.example_input_array` to "
                     "one input batch, or pass the data as a LightningDataModule."
                 )
-            self._rebuild_optimizers = True
+            # the optimizer (configured before any batch was seen) must hold the new parts: configure it again,
+            # now (a sanity-check validation batch) or before the first step reads it (the first training batch)
+            trainer.strategy.setup_optimizers(trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
         self._probe_first_batch(batch, "fit")
-        if self._rebuild_optimizers:  # before the optimizer of this first step is read
-            self._rebuild_optimizers = False
-            self.trainer.strategy.setup_optimizers(self.trainer)
         return None
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

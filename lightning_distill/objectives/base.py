@@ -127,6 +127,13 @@ class Objective(nn.Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state`."""
 
+    def check_batch(self, batch: Batch) -> None:
+        """Refuse a training batch the objective cannot use (called on the first batch, before any forward)."""
+
+    def on_train_start(self, module: Any) -> None:
+        """Called when training starts (``module`` is the LightningModule): per-sample state that needs the
+        training set can be created here."""
+
     # ------------------------------------------------------------------ the term
     def terms(self, value: Tensor, penalty: Optional[Tensor] = None, **logs: Tensor) -> dict[str, Tensor]:
         """``{"loss": weight * value (+ penalty), "<key>_loss": value, **logs}``."""

@@ -223,12 +223,7 @@ class CRDLoss(Objective):
             self._allocate_memory(self.num_samples)
         elif found is not None:
             self._allocate_memory(found)
-        elif probe.stage == "fit":
-            raise ValueError(
-                "CRD needs the training-set size for its memory banks (one row per sample) and could not find "
-                "it (no `trainer.datamodule.train_dataset`, no sized training DataLoader): pass `num_samples` "
-                "(the number of training samples)."
-            )
+        # otherwise the banks wait for the training DataLoader (on_train_start)
 
     def _allocate_memory(self, num_samples: int) -> None:
         """Both banks, ``[num_samples, feat_dim]``, uniform in [-stdv, stdv], stdv = 1/sqrt(feat_dim/3)."""
@@ -242,9 +237,12 @@ class CRDLoss(Objective):
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
         gen = self._generator
-        return {"generator": (gen.device.type, gen.get_state()) if gen is not None else None}
+        rows = int(self.memory_student.shape[0]) if self.memory_student is not None else None
+        return {"generator": (gen.device.type, gen.get_state()) if gen is not None else None, "num_samples": rows}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("num_samples") and self.memory_student is None:
+            self._allocate_memory(int(state["num_samples"]))  # the values come with the state dict
         found = state.get("generator")
         if found is None:
             return
@@ -255,8 +253,25 @@ class CRDLoss(Objective):
             self._generator = None
             self._pending_generator_state = (device_type, gen_state)
 
-    def on_train_start(self) -> None:
+    def on_train_start(self, module: Any) -> None:
         self._index_checked = False
+        if self.memory_student is None:
+            found = module.training_set_size()
+            if found is None:
+                raise ValueError(
+                    "CRD needs the training-set size for its memory banks (one row per sample) and could not find "
+                    "it (no `trainer.datamodule.train_dataset`, and the training DataLoader's dataset has no length): "
+                    "pass `num_samples` (the number of training samples)."
+                )
+            self._allocate_memory(found)
+
+    def check_batch(self, batch: Batch) -> None:
+        if batch.index is None:
+            raise ValueError(
+                "CRD needs each sample's index to address its memory banks: use a dataset returning "
+                "(input, target, index) -- DigitsDataModule, CIFARDataModule, or wrap yours in "
+                "lightning_distill.data.IndexedDataset."
+            )
 
     def _negative_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generator

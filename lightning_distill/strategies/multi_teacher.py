@@ -12,6 +12,7 @@ from lightning_distill.checkpoint import load_weights
 from lightning_distill.distiller import DistillationModule, check_alpha
 from lightning_distill.losses import teacher_mixture_log_probs
 from lightning_distill.objectives import WEIGHTINGS, CrossEntropy, MultiTeacherKD
+from lightning_distill.outputs import as_outputs
 from lightning_distill.probe import Probe
 from lightning_distill.strategies.kd import KDPreset
 from lightning_distill.teachers import FrozenTeacher, TeacherEnsemble
@@ -194,7 +195,8 @@ class MultiTeacherDistillation(KDPreset, DistillationModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, stage: str, batch: Any) -> None:
         b = unpack_batch(batch)
-        student_logits, teacher_logits = self.eval_logits(b)  # teachers stacked [M, ...]
+        student_logits = as_outputs(self.student_routing(self.student, b), "the student").logits
+        teacher_logits = self.teacher_source.eval_outputs(b).logits  # the teachers stacked [M, ...]
         if b.target is not None:
             metrics = self.eval_metrics[stage]
             flat_target = b.target.reshape(-1)

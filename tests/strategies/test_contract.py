@@ -1,7 +1,13 @@
-"""The teacher contract (DESIGN.md §3), asserted for every strategy after a short real ``fit``.
+"""The teacher contract, asserted for every strategy and every objective after a short real ``fit``.
 
-A new strategy joins by adding one row to ``STRATEGIES``; ``test_every_strategy_is_covered``
-fails until it does.
+The contract (see ``lightning_distill.distiller``): the teacher is frozen, always in eval mode, run under
+``no_grad`` (not ``inference_mode``), bit-identical after training, never in an optimizer and not in
+checkpoints; trained parts receive gradients; a checkpoint restores everything; the loss is finite. Every
+case is fed both ways Lightning is fed: a datamodule, and plain ``DataLoader``s passed to ``trainer.fit``.
+
+A new strategy joins by adding one row to ``STRATEGIES`` (``test_every_strategy_is_covered`` fails until it
+does). Every objective exported by ``lightning_distill.objectives`` joins automatically inside the general
+``DistillationModule`` (built with its defaults; ``OBJECTIVE_ARGS`` holds the few that need arguments).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_distill
 from lightning_distill import (
@@ -28,7 +35,11 @@ from lightning_distill import (
     QuantAwareDistillation,
     SelfDistillation,
 )
+from lightning_distill import objectives as objectives_module
+from lightning_distill.checkpoint import load_weights
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
+from lightning_distill.objectives import AuxiliaryHeads, CRDLoss, CrossEntropy, FeatureMatch, MultiTeacherKD, Objective
+from lightning_distill.teachers import FrozenTeacher, TeacherEnsemble
 
 
 def _kd(student: nn.Module, teacher: nn.Module) -> DistillationModule:
@@ -124,6 +135,59 @@ def test_every_strategy_is_covered():
     assert exported == set(STRATEGIES), f"strategies without a contract-test row: {exported - set(STRATEGIES)}"
 
 
+#: objectives that cannot be built with their defaults -> a factory with tiny settings for the digits models
+OBJECTIVE_ARGS = {
+    FeatureMatch: lambda: FeatureMatch(layer_map={"block2": "block1"}, loss="mse"),
+    CRDLoss: lambda: CRDLoss("block2", "block3", feat_dim=16, num_negatives=64),
+    AuxiliaryHeads: lambda: AuxiliaryHeads(["block1.0", "block1"], width=4),
+    MultiTeacherKD: lambda: MultiTeacherKD(0.7, weighting="learned", gate_hidden=8),
+}
+
+
+def _exported_objectives() -> list[type]:
+    return [
+        obj for name in objectives_module.__all__
+        if inspect.isclass(obj := getattr(objectives_module, name)) and issubclass(obj, Objective) and obj is not Objective
+    ]
+
+
+def _objective_case(cls: type):
+    """factory(student, teacher) -> DistillationModule with the objective (a task term next to it when it has none)."""
+
+    def build(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+        objective = OBJECTIVE_ARGS[cls]() if cls in OBJECTIVE_ARGS else cls()
+        named = {objective.name: objective}
+        if cls is not CrossEntropy and not isinstance(objective, AuxiliaryHeads):
+            named = {"task": CrossEntropy(0.5), **named}
+        if not objective.needs_teacher:
+            source = None  # nothing reads a teacher: the teacher checks do not apply
+        elif cls is MultiTeacherKD:
+            second = DigitsCNN(dropout=0.5)
+            for member in (teacher, second):
+                load_weights(member, "zoo:digits_cnn")
+            source = FrozenTeacher(TeacherEnsemble([teacher, second]))
+        else:
+            source = FrozenTeacher(teacher, checkpoint="zoo:digits_cnn")
+        return DistillationModule(student, source, objectives=named)
+
+    return build
+
+
+#: every contract case: strategies by class name, objectives as "DistillationModule[<Objective>]"
+CASES = {cls.__name__: factory for cls, factory in STRATEGIES.items()} | {
+    f"DistillationModule[{cls.__name__}]": _objective_case(cls) for cls in _exported_objectives()
+}
+
+
+def test_every_objective_is_covered():
+    exported = _exported_objectives()
+    assert {"DKD", "LogitKD", "FeatureMatch", "CRDLoss", "CrossEntropy"} <= {c.__name__ for c in exported}
+    for cls in exported:
+        assert f"DistillationModule[{cls.__name__}]" in CASES
+        if cls not in OBJECTIVE_ARGS:  # built with its defaults: that must work
+            cls()
+
+
 class _Recorder(L.Callback):
     """Records the teacher's state at every use during training, and optimizer contents."""
 
@@ -164,12 +228,37 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.fixture(params=list(STRATEGIES), ids=lambda cls: cls.__name__)
-def strategy(request):
+@pytest.fixture(params=list(CASES))
+def case(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def strategy(case):
     torch.manual_seed(0)
     teacher = DigitsCNN()  # BatchNorm + Dropout: both would change behaviour / buffers in train mode
     student = DigitsStudentCNN()  # has BatchNorm too: its buffers must update
-    return STRATEGIES[request.param](student, teacher)
+    return CASES[case](student, teacher)
+
+
+def _reads_sample_index(module: DistillationModule) -> bool:
+    return any(isinstance(o, CRDLoss) for o in module.objectives.values())
+
+
+def _plain_loaders(module: DistillationModule) -> tuple[DataLoader, DataLoader]:
+    """Plain ``DataLoader``s of ``(x, y)`` tensors (``(x, y, index)`` for CRD, whose memory bank needs the
+    sample index: ``(x, y)`` batches get a clear error, tested below)."""
+    from lightning_distill.data import DigitsDataModule
+
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    x, y = dm.train_dataset.inputs, dm.train_dataset.targets
+    vx, vy = dm.val_dataset.inputs, dm.val_dataset.targets
+    if _reads_sample_index(module):
+        train = TensorDataset(x, y, torch.arange(len(x)))
+    else:
+        train = TensorDataset(x, y)
+    return DataLoader(train, batch_size=64, shuffle=True), DataLoader(TensorDataset(vx, vy), batch_size=64)
 
 
 def _assert_teacher_contract(strategy, recorder, teacher_before):
@@ -189,7 +278,8 @@ def _assert_teacher_contract(strategy, recorder, teacher_before):
     assert recorder.optimizer_param_ids and not (recorder.optimizer_param_ids & teacher_ids)
 
 
-def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path):
+@pytest.mark.parametrize("feeding", ["datamodule", "dataloaders"])
+def test_teacher_contract_after_fit(strategy, case, feeding, digits_dm, make_trainer, tmp_path):
     has_teacher = strategy.teacher is not None
     teacher_before = _state(strategy.teacher) if has_teacher else None
     student_before = _state(strategy.student)
@@ -205,12 +295,16 @@ def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path)
         callbacks=[recorder, _TrainTheTeacher()],
         enable_checkpointing=True,
     )
+    data = {"datamodule": digits_dm}
+    if feeding == "dataloaders":
+        train, val = _plain_loaders(strategy)
+        data = {"train_dataloaders": train, "val_dataloaders": val}
     if has_teacher:
         with pytest.warns(UserWarning, match="teacher submodule was in train mode"):
-            trainer.fit(strategy, datamodule=digits_dm)
+            trainer.fit(strategy, **data)
         _assert_teacher_contract(strategy, recorder, teacher_before)
     else:
-        trainer.fit(strategy, datamodule=digits_dm)
+        trainer.fit(strategy, **data)
 
     # every trained parameter was optimised: it moved, and it is in the optimizer (frozen parts -- a
     # teacher, an EMA copy -- are never in it)
@@ -234,7 +328,7 @@ def test_teacher_contract_after_fit(strategy, digits_dm, make_trainer, tmp_path)
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
     assert any(k.startswith("student.") for k in ckpt["state_dict"])
-    fresh = STRATEGIES[type(strategy)](DigitsStudentCNN(), DigitsCNN())
+    fresh = CASES[case](DigitsStudentCNN(), DigitsCNN())
     fresh.on_load_checkpoint(ckpt)  # what Lightning calls before load_state_dict
     fresh.load_state_dict(ckpt["state_dict"])
     for key, value in strategy.state_dict().items():
@@ -251,19 +345,39 @@ def test_train_mode_never_reaches_teacher(strategy):
     assert not strategy.teacher.training
 
 
-def test_checkpoint_round_trip_via_load_from_checkpoint(strategy, digits_dm, make_trainer, tmp_path):
+def test_checkpoint_round_trip_via_load_from_checkpoint(strategy, case, digits_dm, make_trainer, tmp_path):
     trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(strategy, datamodule=digits_dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    init = inspect.signature(type(strategy).__init__).parameters
-    modules = {"student": DigitsStudentCNN()}
-    if "teacher" in init and (strategy.teacher is not None or init["teacher"].default is inspect.Parameter.empty):
-        modules["teacher"] = DigitsCNN()
-    if "teachers" in init:
-        modules["teachers"] = [DigitsCNN() for _ in strategy.teachers]
+    if type(strategy) is DistillationModule:
+        # the general module's objects (teacher source, objectives) are not hyperparameters: pass them again
+        twin = CASES[case](DigitsStudentCNN(), DigitsCNN())
+        modules = {"student": twin.student, "teacher": twin.teacher_source, "objectives": dict(twin.objectives)}
+    else:
+        init = inspect.signature(type(strategy).__init__).parameters
+        modules = {"student": DigitsStudentCNN()}
+        if "teacher" in init and (strategy.teacher is not None or init["teacher"].default is inspect.Parameter.empty):
+            modules["teacher"] = DigitsCNN()
+        if "teachers" in init:
+            modules["teachers"] = [DigitsCNN() for _ in strategy.teachers]
     restored = type(strategy).load_from_checkpoint(path, **modules)
     for key, value in strategy.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
     if strategy.teacher is not None:
         assert not restored.teacher.training and not any(p.requires_grad for p in restored.teacher.parameters())
+
+
+def test_crd_with_index_free_batches_fails_before_the_first_step(make_trainer):
+    from lightning_distill.data import DigitsDataModule
+
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    module = STRATEGIES[CRD](DigitsStudentCNN(), DigitsCNN())
+    before = _state(module.student)
+    loader = DataLoader(TensorDataset(dm.train_dataset.inputs, dm.train_dataset.targets), batch_size=64)
+    trainer = make_trainer(max_epochs=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"CRD needs each sample's index .*IndexedDataset"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 0
+    assert all(torch.equal(module.student.state_dict()[k], v) for k, v in before.items())

@@ -227,13 +227,27 @@ def test_num_samples_must_match_the_training_set(digits_dm, make_trainer):
     assert trainer.global_step == 0
 
 
+class _Unsized(torch.utils.data.IterableDataset):
+    """(input, target, index) samples from a stream: no length, so no training-set size."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y, range(len(self.x))))
+
+
 def test_num_samples_is_required_without_a_train_dataset(make_trainer):
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    loader = DataLoader(TensorDataset(x, y, torch.arange(16)), batch_size=8)
     module = _crd()
     module.example_input_array = x[:2]
     with pytest.raises(ValueError, match=r"pass `num_samples`"):
-        make_trainer(limit_train_batches=1).fit(module, train_dataloaders=loader)
+        make_trainer(limit_train_batches=1).fit(module, train_dataloaders=DataLoader(_Unsized(x, y), batch_size=8))
+    # a plain DataLoader over a sized dataset tells the size: the banks get one row per sample
+    loader = DataLoader(TensorDataset(x, y, torch.arange(16)), batch_size=8)
+    module = _crd()
+    make_trainer(limit_train_batches=1).fit(module, train_dataloaders=loader)
+    assert module.memory_student.shape[0] == 16
 
 
 @pytest.mark.parametrize(
