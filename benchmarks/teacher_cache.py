@@ -146,14 +146,15 @@ class Runner:
             module = KnowledgeDistillation(self._student(), self.teacher, temperature=4.0, alpha=0.9,
                                            optimizer=self.optimizer, teacher_cache=cache)
             if cache is not None:
-                build = module.build_teacher_cache
+                source = module.teacher_source  # a CachedTeacher: it fills the cache when training starts
+                build = source.on_train_start
 
-                def timed_build() -> None:
+                def timed_build(host: L.LightningModule) -> None:
                     start = time.perf_counter()
-                    build()
+                    build(host)
                     self.build_seconds.append(time.perf_counter() - start)
 
-                module.build_teacher_cache = timed_build  # type: ignore[method-assign]
+                source.on_train_start = timed_build  # type: ignore[method-assign]
         module.example_input_array = self.dataset.inputs[:2]
         return module
 

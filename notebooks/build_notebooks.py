@@ -537,7 +537,7 @@ def repo_root(start="."):
 
 
 ROOT = repo_root()
-RESULTS = ["digits_kd", "digits_features", "digits_crd", "digits_ctkd", "digits_issue4", "digits_sd"]
+RESULTS = ["digits_kd", "digits_features", "digits_crd", "digits_ctkd", "digits_multi_model", "digits_sd"]
 accs = {}
 for group in RESULTS:
     with open(ROOT / "results" / group / "runs.csv", newline="") as fh:
