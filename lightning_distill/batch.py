@@ -41,6 +41,7 @@ import inspect
 import weakref
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "clip_batch",
     "resolve_routing",
     "unpack_batch",
+    "with_pseudo_labels",
 ]
 
 
@@ -124,6 +126,33 @@ def clip_batch(batch: Batch, n: int) -> Batch:
         return value
 
     return Batch(*(clip(v) for v in batch))
+
+
+def with_pseudo_labels(batch: Batch, probs: Tensor, threshold: float, ignore_index: int = -100) -> Batch:
+    """``batch`` with unlabelled samples / tokens given the teacher's top-1 class where its probability is at
+    least ``threshold`` (pseudo-labelling; ``probs`` are the teacher's class probabilities).
+
+    Labelled entries keep their label; masked tokens (``batch.mask`` False) and samples a batch transform
+    mixed (``batch.mixed``) stay label-free. Token-level probabilities ``[N, L, V]`` need the batch's
+    ``mask``: without it padding cannot be told from unlabelled tokens.
+    """
+    if probs.ndim == 3 and batch.mask is None:
+        raise ValueError(
+            "`pseudo_labels` with token-level logits [N, L, V] needs the batch's `mask`: without it padding "
+            "(target ignore_index) cannot be told from unlabelled tokens. Use a data module that yields a mask "
+            "(lightning_distill.data.TextDataModule does) or remove pseudo_labels."
+        )
+    with torch.no_grad():
+        confidence, guess = probs.max(-1)
+        guess = torch.where(confidence >= threshold, guess, torch.full_like(guess, ignore_index))
+        target = guess if batch.target is None else torch.where(batch.target == ignore_index, guess, batch.target)
+        if batch.mask is not None and target.ndim == batch.mask.ndim:
+            target = torch.where(batch.mask.bool(), target, torch.full_like(target, ignore_index))
+        mixed = batch.mixed
+        if mixed is not None and mixed.shape == target.shape[:1]:  # mixed samples stay label-free
+            keep = mixed.to(target.device).reshape(-1, *([1] * (target.ndim - 1)))
+            target = torch.where(keep, torch.full_like(target, ignore_index), target)
+    return batch._replace(target=target)
 
 
 # ------------------------------------------------------------------------------------ routing

@@ -69,13 +69,8 @@ class Classifier(TrainingModule):
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        b = unpack_batch(batch)
-        self.update_eval_metrics("val", self.logits(b), b.target)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        b = unpack_batch(batch)
-        self.update_eval_metrics("test", self.logits(b), b.target)
+    def eval_logits(self, batch: Batch) -> tuple[Tensor, None]:
+        return self.logits(batch), None
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self.logits(unpack_batch(batch))

@@ -15,19 +15,7 @@ A training step is visibly four moves::
   hyperparameters and trained parts, built from one shape probe (:mod:`lightning_distill.probe`).
 
 The named strategies (``KnowledgeDistillation``, ``FeatureDistillation``, ``CRD``, ``CTKD``, ...) are
-presets that assemble objectives; any combination is a config::
-
-    model:
-      class_path: lightning_distill.DistillationModule
-      init_args:
-        student: {class_path: lightning_distill.models.DigitsStudentCNN}
-        teacher:
-          class_path: lightning_distill.teachers.FrozenTeacher
-          init_args: {module: {class_path: lightning_distill.models.DigitsCNN}, checkpoint: zoo:digits_cnn}
-        objectives:
-          task: {class_path: lightning_distill.objectives.CrossEntropy, init_args: {weight: 0.1}}
-          kd: {class_path: lightning_distill.objectives.LogitKD, init_args: {weight: 0.9, temperature: 4.0}}
-          feature: {class_path: lightning_distill.objectives.FeatureMatch, init_args: {layer_map: {block2: block1}}}
+presets that assemble objectives; any combination is a config (see the README's "How it fits together").
 
 The teacher contract, enforced here for every module: frozen (``requires_grad=False``, never in an
 optimizer -- ``configure_optimizers`` refuses if one leaks in), always in eval mode (restored whenever
@@ -42,21 +30,20 @@ import math
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from lightning_distill.augment import FunctionMatching
-from lightning_distill.batch import Batch, resolve_routing, unpack_batch
+from lightning_distill.batch import Batch, resolve_routing, unpack_batch, with_pseudo_labels
 from lightning_distill.features import FeatureCapture, check_layer_names
 from lightning_distill.module import CKPT_KEY, TrainingModule
-from lightning_distill.objectives.base import Objective, StepInfo
+from lightning_distill.objectives.base import Objective, StepInfo, named_objectives
 from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.probe import Probe
 from lightning_distill.teachers import CachedTeacher, TeacherSource, as_source, frozen_parameters
 from lightning_distill.temperature import Temperature
 from lightning_distill.validation import check_alpha
 
-__all__ = ["FROZEN_TEACHER_OPTIONS", "DistillationModule", "check_alpha", "reject_teacher_options"]
+__all__ = ["DistillationModule", "check_alpha"]
 
 _FM = "function_matching"
 #: Lightning warns about modules in eval mode when training starts; a frozen teacher is one on purpose
@@ -68,22 +55,6 @@ _NOT_HPARAMS = (
 )
 
 
-#: the arguments of a frozen teacher (:class:`~lightning_distill.strategies.base.SingleTeacherDistillation`)
-FROZEN_TEACHER_OPTIONS = ("teacher", "teacher_checkpoint", "save_teacher", "teacher_train_mode", "teacher_dtype",
-                          "teacher_cache")
-
-
-def reject_teacher_options(owner: type, kwargs: Mapping[str, Any], allowed: Sequence[str] = ()) -> None:
-    """A ``TypeError`` naming ``owner`` for frozen-teacher arguments given to a module without a frozen teacher."""
-    for key in FROZEN_TEACHER_OPTIONS:
-        if key in kwargs and key not in allowed:
-            raise TypeError(
-                f"{owner.__name__}.__init__() got an unexpected keyword argument {key!r}: {owner.__name__} has no "
-                "frozen teacher, so it takes no frozen-teacher options. For a frozen teacher use "
-                "KnowledgeDistillation, FeatureDistillation or DistillationModule."
-            )
-
-
 def _plain(value: Any) -> bool:
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
@@ -92,28 +63,6 @@ def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return False
-
-
-def _as_objectives(objectives: Any) -> dict[str, Objective]:
-    if objectives is None:
-        return {}
-    items = list(objectives.items()) if isinstance(objectives, Mapping) else [(None, o) for o in objectives]
-    named: dict[str, Objective] = {}
-    for key, objective in items:
-        if not isinstance(objective, Objective):
-            raise TypeError(
-                f"`objectives` must hold lightning_distill.objectives.Objective instances, got "
-                f"{type(objective).__name__}{f' under {key!r}' if key else ''}."
-            )
-        key = key or objective.name
-        if key in named:
-            raise ValueError(
-                f"`objectives` has two objectives named {key!r}; give them distinct names with a mapping "
-                "({name: objective}), e.g. {kd: ..., kd_late: ...}."
-            )
-        objective.key = str(key)
-        named[str(key)] = objective
-    return named
 
 
 class DistillationModule(TrainingModule):
@@ -179,7 +128,7 @@ class DistillationModule(TrainingModule):
                     "(strategies without a teacher, or whose teacher trains alongside the student, such as "
                     "OnlineDistillation, cannot pseudo-label). Remove pseudo_labels."
                 )
-        named = _as_objectives(objectives)
+        named = named_objectives(objectives)
         with warnings.catch_warnings():  # objects among the arguments are dropped from hparams just below
             warnings.filterwarnings("ignore", message=r"Attribute '.*' is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=list(_NOT_HPARAMS))
@@ -376,30 +325,15 @@ class DistillationModule(TrainingModule):
         return teacher_logits.float().softmax(-1)
 
     def with_pseudo_labels(self, batch: Batch, teacher: Any) -> Batch:
-        """Give unlabelled samples the teacher's confident top-1 class (``pseudo_labels``)."""
+        """Give unlabelled samples the teacher's confident top-1 class (``pseudo_labels``; see
+        :func:`lightning_distill.batch.with_pseudo_labels`)."""
         if self.pseudo_labels is None or teacher is None:
             return batch
         teacher_logits = teacher.logits if isinstance(teacher, ModelOutputs) else teacher
         if not isinstance(teacher_logits, Tensor):
             return batch
         probs = self.teacher_probabilities(teacher_logits.detach())
-        if probs.ndim == 3 and batch.mask is None:
-            raise ValueError(
-                "`pseudo_labels` with token-level logits [N, L, V] needs the batch's `mask`: without it padding "
-                "(target ignore_index) cannot be told from unlabelled tokens. Use a data module that yields a mask "
-                "(lightning_distill.data.TextDataModule does) or remove pseudo_labels."
-            )
-        with torch.no_grad():
-            confidence, guess = probs.max(-1)
-            guess = torch.where(confidence >= self.pseudo_labels, guess, torch.full_like(guess, self.ignore_index))
-            target = guess if batch.target is None else torch.where(batch.target == self.ignore_index, guess, batch.target)
-            if batch.mask is not None and target.ndim == batch.mask.ndim:
-                target = torch.where(batch.mask.bool(), target, torch.full_like(target, self.ignore_index))
-            mixed = batch.mixed
-            if mixed is not None and mixed.shape == target.shape[:1]:  # mixed samples stay label-free
-                keep = mixed.to(target.device).reshape(-1, *([1] * (target.ndim - 1)))
-                target = torch.where(keep, torch.full_like(target, self.ignore_index), target)
-        return batch._replace(target=target)
+        return with_pseudo_labels(batch, probs, self.pseudo_labels, self.ignore_index)
 
     def step_info(self) -> StepInfo:
         return StepInfo(self.current_epoch if self._trainer is not None else 0, self)
@@ -444,42 +378,6 @@ class DistillationModule(TrainingModule):
         self.log_terms("train", terms, self.batch_size_of(b))
         return terms["loss"]
 
-    def should_log_step(self) -> bool:
-        """Whether this training step's terms go to ``self.log``.
-
-        Lightning writes step metrics to the loggers only every ``log_every_n_steps`` optimizer steps,
-        and each ``self.log`` call costs about 0.4 ms on the CPU (more than a small student's forward).
-        The terms are therefore handed to Lightning on exactly the steps it writes
-        (``(global_step + 1) % log_every_n_steps == 0``), plus the first and the last batch of every epoch
-        and the last step of a ``max_steps`` run, so the progress bar and ``trainer.callback_metrics``
-        hold current values at those points (between them, callbacks reading ``train/*`` see the last
-        logged step: set ``log_every_n_steps=1`` for every step). Without a trainer it always logs.
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        n = max(int(trainer.log_every_n_steps), 1)
-        max_steps = int(trainer.max_steps or -1)
-        return (
-            (trainer.global_step + 1) % n == 0
-            or trainer.fit_loop.epoch_loop.batch_progress.current.ready <= 1
-            or bool(trainer.is_last_batch)
-            or bool(trainer.should_stop)
-            or (max_steps > 0 and trainer.global_step + 1 >= max_steps)
-        )
-
-    def log_terms(self, stage: str, terms: Mapping[str, Tensor], batch_size: int) -> None:
-        """Log every loss term as ``{stage}/{name}`` (``loss`` also on the progress bar)."""
-        if stage == "train" and not self.should_log_step():
-            return
-        self.log_dict(
-            {f"{stage}/{name}": value.detach() for name, value in terms.items() if name != "loss"},
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch_size,
-        )
-        self.log(f"{stage}/loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.teacher_source is not None:
@@ -501,17 +399,6 @@ class DistillationModule(TrainingModule):
         if teacher is not None and teacher.ndim == student.ndim + 1:
             teacher = teacher.float().log_softmax(-1).logsumexp(0) - math.log(teacher.shape[0])
         return student, teacher
-
-    def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
-        student, teacher = self.eval_logits(b)
-        self.update_eval_metrics(stage, student, b.target, teacher)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("test", batch)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         b = unpack_batch(batch)

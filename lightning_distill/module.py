@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import lightning as L
 import torch
@@ -94,6 +94,43 @@ class TrainingModule(L.LightningModule):
     def task_loss(self, logits: Tensor, target: Optional[Tensor]) -> Tensor:
         """Cross-entropy with hard labels, averaged over labelled samples / tokens only (0 when none)."""
         return cross_entropy_loss(logits, target, self.ignore_index)
+
+    # ------------------------------------------------------------------ logging training terms
+    def should_log_step(self) -> bool:
+        """Whether this training step's terms go to ``self.log``.
+
+        Lightning writes step metrics to the loggers only every ``log_every_n_steps`` optimizer steps,
+        and each ``self.log`` call costs about 0.4 ms on the CPU (more than a small student's forward).
+        The terms are therefore handed to Lightning on exactly the steps it writes
+        (``(global_step + 1) % log_every_n_steps == 0``), plus the first and the last batch of every epoch
+        and the last step of a ``max_steps`` run, so the progress bar and ``trainer.callback_metrics``
+        hold current values at those points (between them, callbacks reading ``train/*`` see the last
+        logged step: set ``log_every_n_steps=1`` for every step). Without a trainer it always logs.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        n = max(int(trainer.log_every_n_steps), 1)
+        max_steps = int(trainer.max_steps or -1)
+        return (
+            (trainer.global_step + 1) % n == 0
+            or trainer.fit_loop.epoch_loop.batch_progress.current.ready <= 1
+            or bool(trainer.is_last_batch)
+            or bool(trainer.should_stop)
+            or (max_steps > 0 and trainer.global_step + 1 >= max_steps)
+        )
+
+    def log_terms(self, stage: str, terms: Mapping[str, Tensor], batch_size: int) -> None:
+        """Log every loss term as ``{stage}/{name}`` (``loss`` also on the progress bar)."""
+        if stage == "train" and not self.should_log_step():
+            return
+        self.log_dict(
+            {f"{stage}/{name}": value.detach() for name, value in terms.items() if name != "loss"},
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+        )
+        self.log(f"{stage}/loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
 
     # ------------------------------------------------------------------ optimizers
     def parameter_groups(self) -> list[dict]:
@@ -354,6 +391,22 @@ class TrainingModule(L.LightningModule):
         spec = checkpoint.get(CKPT_KEY, {}).get("probe")
         if spec is not None and not self.probed:
             self.run_probe(batch_from_spec(spec["batch"]), "load", spec.get("num_samples"))
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_logits(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
+        """``(logits of the evaluated model, teacher logits or None)`` of an evaluation batch."""
+        raise NotImplementedError
+
+    def _eval_step(self, stage: str, batch: Any) -> None:
+        b = unpack_batch(batch)
+        logits, teacher_logits = self.eval_logits(b)
+        self.update_eval_metrics(stage, logits, b.target, teacher_logits)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
 
     # ------------------------------------------------------------------ metrics
     def build_metrics(self, num_classes: int, with_teacher: bool) -> nn.ModuleDict:

@@ -28,7 +28,7 @@ Writing one::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ from lightning_distill.outputs import ModelOutputs
 from lightning_distill.probe import Probe
 from lightning_distill.validation import check_float
 
-__all__ = ["Objective", "StepInfo"]
+__all__ = ["Objective", "StepInfo", "named_objectives"]
 
 
 class StepInfo:
@@ -149,3 +149,27 @@ class Objective(nn.Module):
         self, student: ModelOutputs, teacher: Optional[ModelOutputs], batch: Batch, step: StepInfo
     ) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
+
+
+def named_objectives(objectives: Any) -> dict[str, Objective]:
+    """``{name: objective}`` from a mapping or a list (named by each objective's ``name``); every objective
+    learns its key (the prefix of its logged ``<key>_loss``)."""
+    if objectives is None:
+        return {}
+    items = list(objectives.items()) if isinstance(objectives, Mapping) else [(None, o) for o in objectives]
+    named: dict[str, Objective] = {}
+    for key, objective in items:
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"`objectives` must hold lightning_distill.objectives.Objective instances, got "
+                f"{type(objective).__name__}{f' under {key!r}' if key else ''}."
+            )
+        key = key or objective.name
+        if key in named:
+            raise ValueError(
+                f"`objectives` has two objectives named {key!r}; give them distinct names with a mapping "
+                "({name: objective}), e.g. {kd: ..., kd_late: ...}."
+            )
+        objective.key = str(key)
+        named[str(key)] = objective
+    return named

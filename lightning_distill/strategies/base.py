@@ -12,7 +12,7 @@ not take these arguments at all.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -20,7 +20,26 @@ from lightning_distill.distiller import DistillationModule, check_alpha
 from lightning_distill.losses import check_temperature
 from lightning_distill.teachers import CachedTeacher, FrozenTeacher, TeacherSource
 
-__all__ = ["DistillationModule", "SingleTeacherDistillation", "check_alpha", "check_temperature"]
+__all__ = [
+    "FROZEN_TEACHER_OPTIONS", "DistillationModule", "SingleTeacherDistillation", "check_alpha", "check_temperature",
+    "reject_teacher_options",
+]
+
+
+#: the arguments of a frozen teacher (:class:`SingleTeacherDistillation`)
+FROZEN_TEACHER_OPTIONS = ("teacher", "teacher_checkpoint", "save_teacher", "teacher_train_mode", "teacher_dtype",
+                          "teacher_cache")
+
+
+def reject_teacher_options(owner: type, kwargs: Mapping[str, Any], allowed: Sequence[str] = ()) -> None:
+    """A ``TypeError`` naming ``owner`` for frozen-teacher arguments given to a module without a frozen teacher."""
+    for key in FROZEN_TEACHER_OPTIONS:
+        if key in kwargs and key not in allowed:
+            raise TypeError(
+                f"{owner.__name__}.__init__() got an unexpected keyword argument {key!r}: {owner.__name__} has no "
+                "frozen teacher, so it takes no frozen-teacher options. For a frozen teacher use "
+                "KnowledgeDistillation, FeatureDistillation or DistillationModule."
+            )
 
 
 class SingleTeacherDistillation(DistillationModule):

@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from lightning_distill.batch import Batch, unpack_batch
 from lightning_distill.checkpoint import load_weights
-from lightning_distill.distiller import DistillationModule, reject_teacher_options
+from lightning_distill.distiller import DistillationModule
 from lightning_distill.losses import cross_entropy_loss
 from lightning_distill.objectives import Objective, StepInfo
 from lightning_distill.outputs import ModelOutputs, as_outputs
+from lightning_distill.strategies.base import reject_teacher_options
 from lightning_distill.strategies.kd import KDPreset, kd_objectives
 from lightning_distill.teachers import EMATeacher, TeacherSource
 from lightning_distill.validation import check_float

@@ -9,8 +9,9 @@ import torchmetrics
 from torch import Tensor, nn
 
 from lightning_distill.batch import Batch, unpack_batch
-from lightning_distill.distiller import DistillationModule, reject_teacher_options
+from lightning_distill.distiller import DistillationModule
 from lightning_distill.objectives.self_distillation import AuxiliaryHeads, HeadOutputs, early_exit
+from lightning_distill.strategies.base import reject_teacher_options
 from lightning_distill.validation import check_float
 
 __all__ = ["HeadOutputs", "SelfDistillation", "early_exit"]
