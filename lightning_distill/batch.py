@@ -203,7 +203,14 @@ class InputRouting:
 
     def keyword_inputs(self, model: nn.Module, batch: Batch) -> Optional[dict[str, Any]]:
         """The keyword arguments for ``model``, or ``None`` for a positional call."""
-        if self.mode == "positional" or batch.inputs is None:
+        if self.mode == "positional":
+            return None
+        if batch.inputs is None:
+            if self.mode == "keywords":
+                raise ValueError(
+                    "keyword input routing needs named inputs, but this batch is a tuple / tensor: use a dataset "
+                    "that yields dicts, or the 'positional' (or 'auto') routing."
+                )
             return None
         named, var_kw = _forward_parameters(model)
         kwargs = {k: v for k, v in batch.inputs.items() if k in named}
@@ -255,11 +262,15 @@ class KeywordInputs(InputRouting):
                 "KeywordInputs routes named batch entries, but this batch is a tuple / tensor: use a dataset that "
                 "yields dicts, or the positional routing."
             )
-        keys = self.keys if self.keys is not None else list(batch.inputs)
-        missing = [k for k in keys if k not in batch.inputs]
+        if self.keys is None:  # every entry the model accepts (under its renamed name)
+            named, var_kw = _forward_parameters(model)
+            return {
+                self.rename.get(k, k): v for k, v in batch.inputs.items() if var_kw or self.rename.get(k, k) in named
+            }
+        missing = [k for k in self.keys if k not in batch.inputs]
         if missing:
             raise ValueError(f"KeywordInputs: the batch has no entries {missing}; it has {sorted(batch.inputs)}.")
-        return {self.rename.get(k, k): batch.inputs[k] for k in keys}
+        return {self.rename.get(k, k): batch.inputs[k] for k in self.keys}
 
     def __call__(self, model: Any, batch: Batch) -> Any:
         return model(**self.keyword_inputs(model, batch))

@@ -253,7 +253,8 @@ class TrainingModule(L.LightningModule):
             num_samples = self.training_set_size()
         with self._probing():
             student, teacher = self.probe_outputs(batch)
-            probe = Probe(batch, student, teacher, num_samples, getattr(self, "student", None), stage)
+            probe = Probe(batch, student, teacher, num_samples, getattr(self, "student", None), stage,
+                          getattr(self, "student_routing", None))
             num_classes = self.on_probe(probe)
         self._probe_spec = {"batch": batch_spec(batch), "num_samples": num_samples}
         self.eval_metrics = self.build_metrics(num_classes, self.has_teacher).to(self.device)

@@ -4,7 +4,8 @@ Students and teachers may return whatever their authors chose. :func:`as_outputs
 
 * a tensor -- the logits;
 * a dict, a Hugging Face ``ModelOutput`` or any object with a ``logits`` attribute -- ``logits``,
-  and ``hidden_states`` / ``attentions`` when present (other entries are kept in ``extras``);
+  and ``hidden_states`` / ``attentions`` when present (the other entries of a dict or a dataclass are
+  kept in ``extras``);
 * a tuple / list -- its first element is the logits (a NamedTuple with a ``logits`` field is read by
   name), the rest is kept in ``extras["outputs"]``;
 
@@ -25,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -60,13 +62,15 @@ class ModelOutputs:
         def d(v: Any) -> Any:
             if isinstance(v, Tensor):
                 return v.detach()
-            if isinstance(v, tuple):
-                return tuple(d(x) for x in v)
+            if isinstance(v, (tuple, list)):
+                return type(v)(d(x) for x in v)
+            if isinstance(v, dict):
+                return {k: d(x) for k, x in v.items()}
             return v
 
         return ModelOutputs(
             d(self.logits), {k: d(v) for k, v in self.features.items()}, d(self.hidden_states), d(self.attentions),
-            dict(self.extras),
+            d(self.extras),
         )
 
 
@@ -103,10 +107,14 @@ def as_outputs(out: Any, source: str = "the model") -> ModelOutputs:
             )
         return ModelOutputs(out[0], extras={"outputs": tuple(out[1:])} if len(out) > 1 else {})
     if hasattr(out, "logits"):  # dataclasses and other objects with a `logits` attribute
+        extras = {}
+        if dataclasses.is_dataclass(out):
+            extras = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name not in _KNOWN}
         return ModelOutputs(
             out.logits,
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
+            extras=extras,
         )
     raise TypeError(
         f"{source} returned a {type(out).__name__}; distillation needs a logits tensor, a tuple whose first element "

@@ -54,6 +54,7 @@ class Probe:
         teacher: the teacher's outputs (``None`` without a teacher), with the requested teacher layers.
         num_samples: the training-set size when known (per-sample state such as a memory bank needs it).
         student_model: the student network itself (for objectives that inspect its structure).
+        routing: how the module calls the student (:mod:`lightning_distill.batch`).
         stage: the Trainer stage the probe serves (``"fit"``, ``"validate"``, ...; ``"load"`` when a
             checkpoint is loaded, ``"build"`` for ``module.build(example)``): per-sample training state is
             only required for ``"fit"``.
@@ -65,6 +66,13 @@ class Probe:
     num_samples: Optional[int] = None
     student_model: Optional[nn.Module] = None
     stage: str = "fit"
+    routing: Optional[Any] = None
+
+    def call_student(self) -> Any:
+        """The student's raw output on the probe batch, through the module's input routing."""
+        if self.routing is not None:
+            return self.routing(self.student_model, self.batch)
+        return self.student_model(self.batch.input)
 
     @property
     def num_classes(self) -> int:

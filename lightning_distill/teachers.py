@@ -218,10 +218,15 @@ class FrozenTeacher(TeacherSource):
                 self.module.eval()
                 return
 
+    def _route(self, batch: Batch) -> Any:
+        if isinstance(self.module, TeacherEnsemble):  # every member gets its own keyword inputs
+            return self.module(batch, self.routing)
+        return self.routing(self.module, batch)
+
     def call(self, batch: Batch) -> Any:
         """``teacher(batch)`` through the input routing, with the reduced-precision casts (no mode / grad handling)."""
         if self.dtype is None:
-            return self.routing(self.module, batch)
+            return self._route(batch)
         inp = batch.input
         if isinstance(inp, Tensor) and inp.is_floating_point():
             batch = batch._replace(input=inp.to(self.dtype))
@@ -230,7 +235,7 @@ class FrozenTeacher(TeacherSource):
                 inputs={k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
                         for k, v in batch.inputs.items()}
             )
-        return _to_float32(self.routing(self.module, batch))
+        return _to_float32(self._route(batch))
 
     def run(self, batch: Batch) -> ModelOutputs:
         """One forward with the layer capture; features of a reduced-precision teacher come back as float32."""
@@ -309,9 +314,11 @@ class CachedTeacher(TeacherSource):
         dtype = f":{self.teacher.dtype}" if self.teacher.dtype is not None else ""
         return f"{dtype}:{self.teacher.captured_layers}"
 
-    def _teacher_fn(self, inputs: Any) -> dict[str, Tensor]:
-        out = self.teacher.outputs(Batch(inputs))
+    def _teacher_fn(self, batch: Batch) -> dict[str, Tensor]:
+        out = self.teacher.outputs(batch)
         return {"logits": out.logits, **{_FEAT + name: f for name, f in out.features.items()}}
+
+    _teacher_fn.takes_batch = True  # the cache runner hands it the whole batch (keyword inputs included)
 
     def on_train_start(self, host: Any) -> None:
         """Fill (or reopen) the cache from the training set.
@@ -376,16 +383,18 @@ class EMATeacher(TeacherSource):
     Args:
         of: the live network being averaged (trained by the host's optimizer).
         decay: :math:`d \in [0, 1)`; the EMA starts at the network's current weights.
+        inputs: how a batch becomes the network's call (see :class:`FrozenTeacher`).
     """
 
     save = True
 
-    def __init__(self, of: nn.Module, decay: float) -> None:
+    def __init__(self, of: nn.Module, decay: float, inputs: Any = "auto") -> None:
         self.decay = check_float(
             "ema_decay", decay, 0.0, 1.0, high_open=True, what="in [0, 1) or None",
             hint=" Typical values: 0.99 (short runs), 0.999 (long runs); None distills from the online teacher directly.",
         )
         self.live = (of,)  # a tuple: the live network is the host's, not this source's
+        self.routing = resolve_routing(inputs, "teacher inputs")
         ema = copy.deepcopy(of)
         ema.requires_grad_(False)
         ema.eval()
@@ -405,7 +414,7 @@ class EMATeacher(TeacherSource):
         if any(m.training for m in self._submodules):
             self.module.eval()
         with torch.no_grad():
-            return as_outputs(self.module(batch.input), "the EMA teacher")
+            return as_outputs(self.routing(self.module, batch), "the EMA teacher")
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -435,8 +444,16 @@ class TeacherEnsemble(nn.ModuleList):
         torch.Size([2, 3, 10])
     """
 
-    def forward(self, inputs: Any) -> Tensor:
-        outputs = [as_outputs(teacher(inputs), f"teacher {m}").logits for m, teacher in enumerate(self)]
+    def forward(self, inputs: Any, routing: Any = None) -> Tensor:
+        """The members' logits stacked; with ``routing`` (and ``inputs`` a :class:`~lightning_distill.batch.Batch`)
+        every member is called through it, so each gets the keyword inputs its ``forward`` names."""
+        if routing is not None:
+            return self.stack([routing(teacher, inputs) for teacher in self])
+        return self.stack([teacher(inputs) for teacher in self])
+
+    def stack(self, raw_outputs: list[Any]) -> Tensor:
+        """``[M, N, ...]`` from the members' raw outputs (any type :func:`as_outputs` reads)."""
+        outputs = [as_outputs(out, f"teacher {m}").logits for m, out in enumerate(raw_outputs)]
         counts = [int(o.shape[-1]) for o in outputs]
         if len(set(counts)) != 1:
             listing = ", ".join(f"teacher {m} ({type(t).__name__}) outputs {c}" for m, (t, c) in enumerate(zip(self, counts)))

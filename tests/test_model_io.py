@@ -261,11 +261,6 @@ def test_dataclass_with_hidden_states_and_attentions():
     assert out.logits is z and out.hidden_states is h and out.attentions is a
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outputs.py docstring: for 'any object with a logits attribute ... other entries are kept in extras'; "
-    "the object branch of as_outputs drops every field but logits / hidden_states / attentions",
-)
 def test_dataclass_keeps_its_other_fields_in_extras():
     @dataclass
     class WithLoss:
@@ -341,11 +336,6 @@ def test_detach_detaches_every_tensor_and_keeps_values():
     assert empty.logits is None and empty.hidden_states is None and empty.features == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModelOutputs.detach() (outputs.py) promises 'every tensor detached' but copies extras as is "
-    "(dict(self.extras)): tensors in extras -- e.g. a tuple output's extras['outputs'] -- keep their graph",
-)
 def test_detach_also_detaches_extras():
     w = torch.randn(2, 3, requires_grad=True)
     d = as_outputs((w * 2, w * 3)).detach()
@@ -547,11 +537,6 @@ def test_keyword_inputs_errors():
         KeywordInputs()(KeywordStudent(), unpack_batch((torch.zeros(2, 3, dtype=torch.long), torch.zeros(2))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KeywordInputs() documents keys=None as 'all of them that the model accepts', but keyword_inputs "
-    "(batch.py) passes every batch entry: a model without token_type_ids gets TypeError",
-)
 def test_keyword_inputs_default_keys_are_the_accepted_ones():
     student = KeywordStudent()
     KeywordInputs()(student, unpack_batch(token_batch(2)))
@@ -827,11 +812,6 @@ def test_loss_decreases_with_keyword_models(make_trainer, single_thread):
 # ============================================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TeacherEnsemble.forward(inputs) (teachers.py) calls every teacher positionally with the batch's "
-    "input: in MultiTeacherDistillation keyword teachers silently lose attention_mask / token_type_ids",
-)
 def test_multi_teacher_keyword_teachers_get_their_keywords():
     teachers = [BertLikeTeacher("dict"), BertLikeTeacher("dict")]
     module = MultiTeacherDistillation(KeywordStudent(), teachers, temperature=T)
@@ -840,12 +820,6 @@ def test_multi_teacher_keyword_teachers_get_their_keywords():
         assert t.calls[-1]["kwargs"] == ["attention_mask", "input_ids", "token_type_ids"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CachedTeacher builds the cache with teacher.outputs(Batch(inputs)) from the positional input only "
-    "(teachers.py CachedTeacher._teacher_fn; cache/runner.py passes b.input): a keyword teacher's cached "
-    "logits are computed without attention_mask / token_type_ids and differ from the live teacher's",
-)
 def test_cached_keyword_teacher_matches_the_live_teacher(make_trainer, single_thread, tmp_path):
     from lightning_distill.cache import TeacherCache
 
@@ -870,13 +844,6 @@ class MaskRequiredStudent(KeywordStudent):
         return super().forward(input_ids, attention_mask)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BornAgain.ensemble_probabilities (strategies/born_again.py:329-333) calls the finished generations as "
-    "model(b.input) and applies .float() to the raw output: from generation 2 on, validation crashes for students "
-    "returning dicts / objects ('dict' object has no attribute 'float') and bypasses the input routing "
-    "(keyword students lose attention_mask)",
-)
 @pytest.mark.parametrize("kind", ["dict_output", "keyword_input"])
 def test_born_again_two_generations_with_dict_or_keyword_students(kind, make_trainer, single_thread):
     torch.manual_seed(0)
@@ -916,12 +883,6 @@ def test_renamed_keyword_student_trains_with_a_keyword_teacher(make_trainer, sin
     assert "val/acc" in trainer.callback_metrics
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BornAgain._next_generation (strategies/born_again.py) makes the finished generation the teacher with "
-    "FrozenTeacher(finished, save=True), i.e. 'auto' routing, not the student's `inputs`: a student that needs "
-    "KeywordInputs(rename=...) is called positionally as a teacher and fails in generation 2",
-)
 def test_born_again_generation_teacher_uses_the_students_routing(make_trainer, single_thread):
     torch.manual_seed(0)
     module = BornAgain(RenamedStudent(), generations=2, epochs_per_generation=1, seed=0, inputs=RENAME)

@@ -73,7 +73,11 @@ def run_teacher(
                         f"{pos + bs - 1} carry indices {index[:8].tolist()}.... The cache is looked up by the "
                         "batch's `index`, which must be the position in this dataset (see IndexedDataset)."
                     )
-            on_batch(teacher_fn(_to_device(b.input, device)), pos, bs)
+            if getattr(teacher_fn, "takes_batch", False):  # a teacher source: the whole batch (keyword inputs)
+                out = teacher_fn(type(b)(*(_to_device(v, device) for v in b)))
+            else:
+                out = teacher_fn(_to_device(b.input, device))
+            on_batch(out, pos, bs)
             pos += bs
             bar.update(bs)
     if pos != n:

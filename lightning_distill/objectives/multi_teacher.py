@@ -135,9 +135,9 @@ class MultiTeacherKD(Objective):
         mask = batch.mask if s.ndim == 3 else None
         if mask is not None:  # masked positions may hold garbage: keep it out of the weights and the gate
             t = torch.where(mask.bool().unsqueeze(-1), t, torch.zeros_like(t))
-        weights = self.teacher_weights(t)
-        if self.standardize:
+        if self.standardize:  # first: the weights and the divergence see the standardised logits
             s, t = standardize_logits(s), standardize_logits(t)
+        weights = self.teacher_weights(t)
         value = multi_teacher_kd_loss(s, t, weights, self.temperature.value, self.kl, mask=mask)
         terms = self.terms(value)
         flat = weights.detach().reshape(-1, weights.shape[-1])

@@ -28,7 +28,7 @@ from lightning_distill.batch import Batch
 from lightning_distill.features import INPUT_SUFFIX
 from lightning_distill.losses import self_distillation_loss
 from lightning_distill.objectives.base import Objective, StepInfo
-from lightning_distill.outputs import ModelOutputs
+from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.probe import Probe
 from lightning_distill.temperature import FixedTemperature
 from lightning_distill.validation import check_alpha, check_int
@@ -181,7 +181,7 @@ class AuxiliaryHeads(Objective):
         return not self.built
 
     # ------------------------------------------------------------------ building
-    def _trace(self, model: nn.Module, batch: Batch) -> list[tuple[str, Any, Any]]:
+    def _trace(self, probe: Probe) -> list[tuple[str, Any, Any]]:
         """``(name, first input, output)`` of every submodule, in the order their forwards finish."""
         calls: list[tuple[str, Any, Any]] = []
 
@@ -191,13 +191,14 @@ class AuxiliaryHeads(Objective):
 
             return hook
 
+        model = probe.student_model
         handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
         try:
-            output = model(batch.input)
+            output = as_outputs(probe.call_student(), "the student").logits
         finally:
             for handle in handles:
                 handle.remove()
-        calls.append(("", batch.input, output))
+        calls.append(("", probe.batch.input, output))
         return calls
 
     def build(self, probe: Probe) -> None:
@@ -205,7 +206,7 @@ class AuxiliaryHeads(Objective):
         if not isinstance(output, Tensor) or output.ndim != 2:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"SelfDistillation needs a network producing [N, C] logits, got {shape}.")
-        calls = self._trace(probe.student_model, probe.batch)
+        calls = self._trace(probe)
         finished: list[str] = []
         for name, _, _ in calls:
             if name in self.exit_layers and name not in finished:

@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 
 from lightning_distill.batch import Batch, unpack_batch
+from lightning_distill.outputs import as_outputs
 from lightning_distill.strategies.base import SingleTeacherDistillation
 from lightning_distill.strategies.kd import KDPreset, kd_objectives
 from lightning_distill.teachers import FrozenTeacher
@@ -267,7 +268,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
         finished = _frozen_copy(self.student)
         self.generation_models.append(finished)
         self._save_generation_file(self.generation, finished)
-        self._set_teacher(FrozenTeacher(finished, save=True))
+        self._set_teacher(FrozenTeacher(finished, save=True, inputs=self.student_routing))
         self.generation += 1
         self.reinitialize_student(self.generation)
         self._restart_optimizers()
@@ -324,13 +325,19 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
     def ensemble_probabilities(self, inputs: Any, student_logits: Optional[Tensor] = None) -> Tensor:
         """BANE: the mean of the softmax outputs of every generation (float32, ``[N, C]``).
 
-        ``student_logits`` may be passed when already computed (saves one forward).
+        ``inputs`` is a batch or a model input (each generation is called through the student's input
+        routing); ``student_logits`` may be passed when already computed (saves one forward).
         """
-        logits = self.student(inputs) if student_logits is None else student_logits
+        batch = inputs if isinstance(inputs, Batch) else Batch(inputs)
+
+        def logits_of(model: nn.Module) -> Tensor:
+            return as_outputs(self.student_routing(model, batch), "a generation").logits
+
+        logits = logits_of(self.student) if student_logits is None else student_logits
         total = logits.detach().float().softmax(-1)
         with torch.no_grad():
             for model in self.generation_models:
-                total = total + model(inputs).float().softmax(-1)
+                total = total + logits_of(model).float().softmax(-1)
         return total / (len(self.generation_models) + 1)
 
     # ------------------------------------------------------------------ losses
@@ -361,7 +368,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
         student_logits, teacher_logits = self.eval_logits(b)
         metrics = self.eval_metrics[stage]
         if b.target is not None:
-            probs = self.ensemble_probabilities(b.input, student_logits)
+            probs = self.ensemble_probabilities(b, student_logits)
             flat = probs.reshape(-1, probs.shape[-1])
             target = b.target.reshape(-1)
             valid = target != self.ignore_index
@@ -415,7 +422,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
         """Create ``finished`` frozen generation modules (to be filled by ``load_state_dict``)."""
         self.generation_models = nn.ModuleList(_frozen_copy(self.student) for _ in range(finished))
         if finished > 0:
-            self._set_teacher(FrozenTeacher(self.generation_models[-1], save=True))
+            self._set_teacher(FrozenTeacher(self.generation_models[-1], save=True, inputs=self.student_routing))
         else:
             self._set_teacher(self._user_source[0])
         self.generation = finished + 1

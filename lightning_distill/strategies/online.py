@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_distill.batch import Batch, unpack_batch
+from lightning_distill.batch import Batch, resolve_routing, unpack_batch
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.distiller import DistillationModule
 from lightning_distill.losses import cross_entropy_loss
@@ -33,9 +33,10 @@ class OnlineTeacher(TeacherSource):
     save = True  # neither network can be rebuilt from the config
     frozen = False  # it trains: no pseudo-labels, no cache
 
-    def __init__(self, module: nn.Module, ema_decay: Optional[float] = None) -> None:
+    def __init__(self, module: nn.Module, ema_decay: Optional[float] = None, inputs: Any = "auto") -> None:
         self.module = module
-        self.ema = EMATeacher(module, ema_decay) if ema_decay is not None else None
+        self.routing = resolve_routing(inputs, "teacher inputs")
+        self.ema = EMATeacher(module, ema_decay, inputs=self.routing) if ema_decay is not None else None
 
     def modules(self) -> dict[str, nn.Module]:
         found = {"online_teacher": self.module}
@@ -51,7 +52,7 @@ class OnlineTeacher(TeacherSource):
             self.ema.train(mode)
 
     def outputs(self, batch: Batch) -> ModelOutputs:
-        return self.targets(batch, as_outputs(self.module(batch.input), "the online teacher").logits)
+        return self.targets(batch, as_outputs(self.routing(self.module, batch), "the online teacher").logits)
 
     def targets(self, batch: Batch, live: Tensor) -> ModelOutputs:
         """The student's target for the online teacher's live logits ``live`` on ``batch``."""
@@ -62,7 +63,7 @@ class OnlineTeacher(TeacherSource):
         return self.outputs(batch)
 
     def probe_outputs(self, batch: Batch) -> ModelOutputs:
-        return as_outputs(self.module(batch.input), "the online teacher")
+        return as_outputs(self.routing(self.module, batch), "the online teacher")
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:
