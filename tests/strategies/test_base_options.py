@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_distill import CRD, DistillationModule, FeatureDistillation, KnowledgeDistillation, MutualLearning
 from lightning_distill.augment import FunctionMatching
-from lightning_distill.callbacks import ChannelsLast, CompileModels
 from lightning_distill.cache import TeacherCache
+from lightning_distill.callbacks import ChannelsLast, CompileModels
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.losses import kd_loss
 from lightning_distill.models import DigitsCNN, DigitsMLP, DigitsStudentCNN
