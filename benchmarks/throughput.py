@@ -130,6 +130,7 @@ def run_config(path: Path, spec: dict[str, Any], epochs: int, limit_batches: Opt
         "--trainer.default_root_dir", workdir,
         "--trainer.logger", "false",
         "--trainer.callbacks", "[]",
+        "--extra_callbacks", "[]",  # a config's own callbacks (CTKD's TemperatureMonitor, POCL's curriculum)
         "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",

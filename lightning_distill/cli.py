@@ -15,6 +15,9 @@ Options added to LightningCLI's (top level of every config):
 * ``wandb`` / ``wandb_project``: add a ``WandbLogger`` next to the configured loggers
   (``WANDB_MODE=offline`` works without a server);
 * ``tensorboard``: add a ``TensorBoardLogger``;
+* ``extra_callbacks``: callbacks appended to ``trainer.callbacks``, so that a config that loads its
+  dataset's shared trainer block (``trainer: shared/trainer.yaml``) can add its own callbacks without
+  repeating the block (jsonargparse cannot change one key of a group loaded from a file);
 * ``test_after_fit``: after ``fit``, test the final weights and print the student's test
   accuracy next to the teacher's, then the student's at its best validation epoch (when a
   ``ModelCheckpoint`` monitors a metric);
@@ -24,6 +27,10 @@ Options added to LightningCLI's (top level of every config):
 several seeds and writes a results table (:mod:`lightning_distill.experiments`).
 
 Each run saves its fully resolved config as ``config.yaml`` in its log directory.
+
+A logger argument may hold the placeholder ``{config}``: it becomes the stem of the last ``--config``
+file, so the shared trainer blocks (``name: "{config}"``) log ``configs/digits/kd.yaml`` to
+``runs/digits/kd/version_N/`` and ``configs/digits/fitnets.yaml`` to ``runs/digits/fitnets/version_N/``.
 """
 
 from __future__ import annotations
@@ -38,10 +45,14 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-__all__ = ["DistillCLI", "LogConfigCallback", "main"]
+__all__ = ["CONFIG_PLACEHOLDER", "DistillCLI", "LogConfigCallback", "main"]
+
+#: Replaced, in every string argument of the configured loggers, by the stem of the last ``--config`` file.
+CONFIG_PLACEHOLDER = "{config}"
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -99,10 +110,27 @@ class DistillCLI(LightningCLI):
             default=None,
             help="After fit, write the test results (last and best epoch), wall time and log dir to this JSON file.",
         )
+        parser.add_argument(
+            "--extra_callbacks",
+            type=Optional[list[Callback]],
+            default=None,
+            help="Callbacks appended to trainer.callbacks: a config that loads a shared trainer block from a file "
+            "adds its own callbacks (e.g. TemperatureMonitor) here instead of repeating the block.",
+        )
+
+    # ------------------------------------------------------------------ {config} in logger arguments
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _fill_config_placeholder(config)
 
     # ------------------------------------------------------------------ loggers
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        extra_callbacks = config.get("extra_callbacks")
+        if extra_callbacks:
+            configured = config["trainer"].get("callbacks") or []
+            configured = list(configured) if isinstance(configured, list) else [configured]
+            kwargs["callbacks"] = configured + list(extra_callbacks)
         extra = self._extra_loggers(config)
         if extra:
             configured = config["trainer"].get("logger")
@@ -192,6 +220,26 @@ class DistillCLI(LightningCLI):
                 }
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 Path(path).write_text(json.dumps(record, indent=2))
+
+
+def _fill_config_placeholder(config: Any) -> None:
+    """Replace :data:`CONFIG_PLACEHOLDER` in the logger arguments by the stem of the last ``--config`` file.
+
+    Without a config file (everything on the command line) the placeholder becomes ``lightning_logs``,
+    Lightning's own default run name.
+    """
+    from jsonargparse import Namespace
+
+    files = [f for f in (config.get("config") or []) if f is not None]
+    stem = Path(str(files[-1])).stem if files else "lightning_logs"
+    loggers = config.get("trainer.logger") if "trainer" in config else None
+    for spec in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = spec.get("init_args") if isinstance(spec, Namespace) else None
+        if not isinstance(init_args, Namespace):
+            continue
+        for key, value in list(init_args.items()):
+            if isinstance(value, str) and CONFIG_PLACEHOLDER in value:
+                init_args[key] = value.replace(CONFIG_PLACEHOLDER, stem)
 
 
 def _epoch_of(path: str) -> Optional[int]:
