@@ -39,8 +39,34 @@ __all__ = ["RunResult", "compare", "main", "summarize", "write_tables"]
 RunResult = dict[str, Any]
 
 
+def _included_files(config: Path) -> list[Path]:
+    """The YAML files a config loads by path (``trainer: shared/trainer.yaml``), recursively, in order."""
+    import yaml
+
+    found: list[Path] = []
+
+    def walk(node: Any, base: Path) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value, base)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, base)
+        elif isinstance(node, str) and node.endswith((".yaml", ".yml")) and (base / node).is_file():
+            path = (base / node).resolve()
+            if path not in found:
+                found.append(path)
+                walk(yaml.safe_load(path.read_text()), path.parent)
+
+    walk(yaml.safe_load(config.read_text()), config.parent)
+    return found
+
+
 def _config_hash(config: Path, overrides: Sequence[str]) -> str:
+    """Hash of the config, every file it loads (shared trainer / data blocks) and the overrides."""
     digest = hashlib.sha256(config.read_bytes())
+    for path in _included_files(config):
+        digest.update(b"\0" + path.read_bytes())
     for item in overrides:
         digest.update(b"\0" + item.encode())
     return digest.hexdigest()[:12]

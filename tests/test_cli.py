@@ -7,6 +7,7 @@ other subcommands work from a checkpoint, runs resume, and the logger switches a
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import importlib
 import io
@@ -112,6 +113,16 @@ def test_config_builds(config, tmp_path, monkeypatch):
     if isinstance(checkpoint, str) and not checkpoint.startswith("zoo:"):
         # produced by another config's run (see the config's header): not there in a fresh checkout
         extra += ["--model.init_args.teacher_checkpoint", "null"]
+    teacher_spec = init_args.get("teacher")
+    source_args = teacher_spec.get("init_args", {}) if isinstance(teacher_spec, dict) else {}
+    if "module" in source_args:  # a teacher source (FrozenTeacher) with its own checkpoint argument
+        checkpoint = source_args.get("checkpoint")
+        if isinstance(checkpoint, str) and not checkpoint.startswith("zoo:"):
+            # the same config, resolved, with no teacher checkpoint (written outside tmp_path, which must stay empty)
+            resolved = copy.deepcopy(spec)
+            resolved["model"]["init_args"]["teacher"]["init_args"]["checkpoint"] = None
+            config = tmp_path.parent / f"{tmp_path.name}_{config.name}"
+            config.write_text(yaml.safe_dump(resolved))
     accelerator = spec.get("trainer", {}).get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         extra += ["--trainer.accelerator", "cpu"]
@@ -122,7 +133,10 @@ def test_config_builds(config, tmp_path, monkeypatch):
     assert type(cli.model) is _import(model_spec["class_path"])
     assert type(cli.datamodule) is _import(data_spec["class_path"])
     for key, value in init_args.items():
-        if isinstance(value, dict) and "class_path" in value and isinstance(getattr(cli.model, key, None), nn.Module):
+        if key == "teacher" and "module" in source_args:  # a teacher source around the teacher network
+            assert type(cli.model.teacher_source) is _import(value["class_path"])
+            assert type(cli.model.teacher) is _import(source_args["module"]["class_path"])
+        elif isinstance(value, dict) and "class_path" in value and isinstance(getattr(cli.model, key, None), nn.Module):
             assert type(getattr(cli.model, key)) is _import(value["class_path"]), key
         elif (
             isinstance(value, (str, int, float, bool))
