@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_distill.validation import check_float
+
 __all__ = ["AugmentedDataset", "FunctionMatching", "cutmix", "cutmix_box", "mixup", "random_affine", "sample_beta"]
 
 _MASK64 = (1 << 64) - 1
@@ -53,16 +55,10 @@ def _check_affine_args(
     degrees: Any, translate: Any, scale: Any, prefix: str = ""
 ) -> tuple[float, float, tuple[float, float]]:
     """Validate the affine-jitter ranges (argument names ``prefix + name``); return them as floats."""
-    if not _is_real(degrees) or not 0.0 <= degrees <= 180.0:
-        raise ValueError(
-            f"`{prefix}degrees` must be a number in [0, 180] (rotation drawn from [-degrees, degrees]; 0 = no rotation), "
-            f"got {degrees!r}."
-        )
-    if not _is_real(translate) or not 0.0 <= translate <= 1.0:
-        raise ValueError(
-            f"`{prefix}translate` must be a number in [0, 1] (shift drawn from [-translate, translate] times the image size; "
-            f"0 = no shift), got {translate!r}."
-        )
+    check_float(f"{prefix}degrees", degrees, 0.0, 180.0,
+                what="a number in [0, 180] (rotation drawn from [-degrees, degrees]; 0 = no rotation)")
+    check_float(f"{prefix}translate", translate, 0.0, 1.0,
+                what="a number in [0, 1] (shift drawn from [-translate, translate] times the image size; 0 = no shift)")
     if (
         isinstance(scale, (str, bytes))
         or not isinstance(scale, Sequence)
@@ -78,9 +74,7 @@ def _check_affine_args(
 
 
 def _check_alpha(name: str, value: Any) -> float:
-    if not _is_real(value) or not value >= 0.0 or math.isinf(value):
-        raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns it off; 1.0 is a common choice), got {value!r}.")
-    return float(value)
+    return check_float(name, value, 0.0, what="a finite number >= 0 (0 turns it off; 1.0 is a common choice)")
 
 
 def _check_batch(x: Any, name: str = "x") -> None:

@@ -9,13 +9,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_distill.validation import check_int
+
 __all__ = ["EpochShuffleSampler", "IndexedDataset", "SplitDataModule", "TensorClassificationDataset", "check_positive_int"]
 
 
 def check_positive_int(name: str, value: Any) -> None:
     """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    check_int(name, value, minimum=1)
 
 
 class TensorClassificationDataset(Dataset):

@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_distill.validation import check_int
+
 __all__ = ["CharTransformer"]
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
 
 
 class _CausalSelfAttention(nn.Module):
@@ -117,7 +114,7 @@ class CharTransformer(nn.Module):
             ("max_len", max_len),
             ("ffn_mult", ffn_mult),
         ):
-            _check_positive_int(name, value)
+            check_int(name, value, minimum=1)
         if d_model % n_heads:
             divisors = [h for h in range(1, d_model + 1) if d_model % h == 0]
             raise ValueError(
