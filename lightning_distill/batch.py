@@ -51,6 +51,7 @@ __all__ = [
     "batch_size_of",
     "call_model",
     "clip_batch",
+    "require_index",
     "resolve_routing",
     "unpack_batch",
     "with_pseudo_labels",
@@ -126,6 +127,16 @@ def clip_batch(batch: Batch, n: int) -> Batch:
         return value
 
     return Batch(*(clip(v) for v in batch))
+
+
+def require_index(batch: Batch, needs: str) -> Tensor:
+    """``batch.index``, or a ``ValueError`` that starts with ``needs`` and says how to add one."""
+    if batch.index is None:
+        raise ValueError(
+            f"{needs}, but the training batches carry none: use a dataset returning (input, target, index) -- the "
+            "package's data modules do, or wrap yours in lightning_distill.data.IndexedDataset."
+        )
+    return torch.as_tensor(batch.index)
 
 
 def with_pseudo_labels(batch: Batch, probs: Tensor, threshold: float, ignore_index: int = -100) -> Batch:

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_distill.batch import Batch, resolve_routing
+from lightning_distill.batch import Batch, require_index, resolve_routing
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.features import FeatureCapture
 from lightning_distill.outputs import ModelOutputs, as_outputs
@@ -345,14 +345,9 @@ class CachedTeacher(TeacherSource):
             build()
 
     def outputs(self, batch: Batch) -> ModelOutputs:
-        if batch.index is None:
-            raise ValueError(
-                "`teacher_cache` looks teacher outputs up by sample index, but the training batches carry none: use "
-                "a dataset returning (input, target, index) -- the package's data modules do, or wrap yours in "
-                "lightning_distill.data.IndexedDataset."
-            )
+        index = require_index(batch, "`teacher_cache` looks teacher outputs up by sample index")
         device = batch.input.device if isinstance(batch.input, Tensor) else None
-        found = self.cache.lookup(torch.as_tensor(batch.index), device=device)
+        found = self.cache.lookup(index, device=device)
         if not isinstance(found, dict):
             return ModelOutputs(found)
         features = {k[len(_FEAT):]: v for k, v in found.items() if k.startswith(_FEAT)}

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_distill.batch import Batch
+from lightning_distill.batch import Batch, require_index
 from lightning_distill.objectives.base import Objective, StepInfo
 from lightning_distill.outputs import ModelOutputs
 from lightning_distill.probe import Probe
@@ -266,12 +266,7 @@ class CRDLoss(Objective):
             self._allocate_memory(found)
 
     def check_batch(self, batch: Batch) -> None:
-        if batch.index is None:
-            raise ValueError(
-                "CRD needs each sample's index to address its memory banks: use a dataset returning "
-                "(input, target, index) -- DigitsDataModule, CIFARDataModule, or wrap yours in "
-                "lightning_distill.data.IndexedDataset."
-            )
+        require_index(batch, "CRD needs each sample's index to address its memory banks")
 
     def _negative_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generator
@@ -347,14 +342,8 @@ class CRDLoss(Objective):
     def forward(
         self, student: ModelOutputs, teacher: Optional[ModelOutputs], batch: Batch, step: StepInfo
     ) -> dict[str, Tensor]:
-        if batch.index is None:
-            raise ValueError(
-                "CRD needs each sample's index to address its memory banks: use a dataset returning "
-                "(input, target, index) -- DigitsDataModule, CIFARDataModule, or wrap yours in "
-                "lightning_distill.data.IndexedDataset."
-            )
+        index = require_index(batch, "CRD needs each sample's index to address its memory banks")
         if teacher is None or self.student_layer not in student.features or self.teacher_layer not in teacher.features:
             raise RuntimeError("CRD needs the captured features of its layers: pass the outputs of forward_models().")
-        value = self.contrast(student.features[self.student_layer], teacher.features[self.teacher_layer],
-                              torch.as_tensor(batch.index))
+        value = self.contrast(student.features[self.student_layer], teacher.features[self.teacher_layer], index)
         return self.terms(value)
