@@ -91,6 +91,10 @@ def unpack_batch(batch: Any) -> Batch:
     """Normalise a dataloader batch into a :class:`Batch` (see the module docstring)."""
     if isinstance(batch, Batch):
         return batch
+    if type(batch) is tuple or type(batch) is list:  # the common case first (a Mapping check costs an ABC lookup)
+        if 1 <= len(batch) <= 4:
+            return Batch(*batch)
+        raise ValueError(f"a tuple batch must be (input[, target[, index[, mask]]]), got {len(batch)} elements.")
     if isinstance(batch, Mapping):
 
         def first(keys: tuple[str, ...]) -> Any:

@@ -121,7 +121,11 @@ class TrainingModule(L.LightningModule):
         )
 
     def log_terms(self, stage: str, terms: Mapping[str, Tensor], batch_size: int) -> None:
-        """Log every loss term as ``{stage}/{name}`` (``loss`` also on the progress bar)."""
+        """Log every loss term as ``{stage}/{name}`` (``loss`` also on the progress bar, when there is one).
+
+        Lightning turns progress-bar values into Python numbers after every batch (a device sync on a
+        GPU), so ``loss`` is marked for the bar only when the trainer shows one.
+        """
         if stage == "train" and not self.should_log_step():
             return
         self.log_dict(
@@ -130,7 +134,10 @@ class TrainingModule(L.LightningModule):
             on_epoch=False,
             batch_size=batch_size,
         )
-        self.log(f"{stage}/loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        trainer = self._trainer
+        prog_bar = trainer is None or trainer.progress_bar_callback is not None
+        self.log(f"{stage}/loss", terms["loss"].detach(), prog_bar=prog_bar, on_step=True, on_epoch=False,
+                 batch_size=batch_size)
 
     # ------------------------------------------------------------------ optimizers
     def parameter_groups(self) -> list[dict]:

@@ -257,7 +257,7 @@ def cross_entropy_loss(
     # [N, C] logits go in as they are (a reshape would add an autograd node and backward time)
     flat_logits = (logits if logits.ndim == 2 else logits.reshape(-1, logits.shape[-1])).float()
     flat_target = target if target.ndim == 1 else target.reshape(-1)
-    if flat_target.device.type == "cpu":
+    if flat_target.is_cpu:
         # on the CPU the check costs no sync: the built-in mean (one autograd node, half the backward time of
         # sum / count) when anything is labelled, an exact 0 that keeps the graph when nothing is
         if bool((flat_target != ignore_index).any()):

@@ -90,6 +90,16 @@ class Objective(nn.Module):
         self.weight = check_float("weight", weight, 0.0)
         self.key = self.name
 
+    @property
+    def key(self) -> str:
+        """The objective's key in ``DistillationModule.objectives`` (the prefix of its logged ``<key>_loss``)."""
+        return self._key
+
+    @key.setter
+    def key(self, value: str) -> None:
+        self._key = value
+        self._loss_name = f"{value}_loss"  # built once, not on every step
+
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
 
@@ -138,7 +148,7 @@ class Objective(nn.Module):
     def terms(self, value: Tensor, penalty: Optional[Tensor] = None, **logs: Tensor) -> dict[str, Tensor]:
         """``{"loss": weight * value (+ penalty), "<key>_loss": value, **logs}``."""
         loss = self.weight * value if penalty is None else self.weight * value + penalty
-        return {"loss": loss, f"{self.key}_loss": value, **logs}
+        return {"loss": loss, self._loss_name: value, **logs}
 
     def zero(self, like: Optional[Tensor]) -> dict[str, Tensor]:
         """The terms of a step where the objective has nothing to compare (no teacher): zeros."""

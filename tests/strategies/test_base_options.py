@@ -656,6 +656,16 @@ def test_training_terms_are_logged_only_on_log_steps(batches, epochs, digits_dm,
     assert float(module.trainer.callback_metrics["train/loss"]) == rec.returned[-1]
 
 
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_loss_goes_to_the_progress_bar_only_when_there_is_one(progress_bar, digits_dm, make_trainer, seeded):
+    # Lightning converts progress-bar values to Python numbers after every batch (a device sync on a GPU)
+    module = _kd()
+    trainer = _fit_trainer(make_trainer, limit_train_batches=2, enable_progress_bar=progress_bar)
+    trainer.fit(module, datamodule=digits_dm)
+    assert ("train/loss" in trainer.progress_bar_metrics) is progress_bar
+    assert "train/loss" in trainer.callback_metrics and "train/kd_loss" in trainer.callback_metrics
+
+
 def _csv_rows(make_trainer, dm, tmp_path: Path, name: str) -> list[tuple[int, str]]:
     torch.manual_seed(0)
     module = _kd()
