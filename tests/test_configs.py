@@ -24,7 +24,7 @@ Checks:
   nested block (nothing after the colon: ``init_args:``, ``callbacks:``; the keys inside are commented),
   ``class_path: ...`` (also as a list item ``- class_path: ...``: the class names itself) and list items
   that are plain values (``- zoo:digits_cnn``: the list's key is commented);
-* comments cite nothing outside the repository: no "seed 004" / "DESIGN.md" / ticket numbers, and every
+* comments cite nothing outside the repository: no planning documents, source-document or ticket numbers, and every
   ``*.md`` / ``*.py`` file a comment names exists in the repository.
 """
 
