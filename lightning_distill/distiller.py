@@ -336,7 +336,7 @@ class DistillationModule(TrainingModule):
         return with_pseudo_labels(batch, probs, self.pseudo_labels, self.ignore_index)
 
     def step_info(self) -> StepInfo:
-        return StepInfo(self.current_epoch if self._trainer is not None else 0, self)
+        return StepInfo(self.current_epoch if self.attached_trainer is not None else 0, self)
 
     def combine(self, contributions: dict[str, Tensor], step: StepInfo) -> Tensor:
         """The total loss from each objective's contribution (their sum; presets may stage them)."""

@@ -95,6 +95,14 @@ class TrainingModule(L.LightningModule):
         """Cross-entropy with hard labels, averaged over labelled samples / tokens only (0 when none)."""
         return cross_entropy_loss(logits, target, self.ignore_index)
 
+    @property
+    def attached_trainer(self) -> Optional[L.Trainer]:
+        """The trainer running this module, or ``None`` outside one (``self.trainer`` raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     # ------------------------------------------------------------------ logging training terms
     def should_log_step(self) -> bool:
         """Whether this training step's terms go to ``self.log``.
@@ -107,7 +115,7 @@ class TrainingModule(L.LightningModule):
         hold current values at those points (between them, callbacks reading ``train/*`` see the last
         logged step: set ``log_every_n_steps=1`` for every step). Without a trainer it always logs.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer
         if trainer is None:
             return True
         n = max(int(trainer.log_every_n_steps), 1)
@@ -134,7 +142,7 @@ class TrainingModule(L.LightningModule):
             on_epoch=False,
             batch_size=batch_size,
         )
-        trainer = self._trainer
+        trainer = self.attached_trainer
         prog_bar = trainer is None or trainer.progress_bar_callback is not None
         self.log(f"{stage}/loss", terms["loss"].detach(), prog_bar=prog_bar, on_step=True, on_epoch=False,
                  batch_size=batch_size)
@@ -179,7 +187,7 @@ class TrainingModule(L.LightningModule):
         return self.eval_metrics is not None
 
     def _datamodule(self) -> Any:
-        trainer = self._trainer
+        trainer = self.attached_trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     def example_batch(self) -> Optional[Batch]:
@@ -217,8 +225,9 @@ class TrainingModule(L.LightningModule):
         """Number of training samples, when the datamodule or the training DataLoader tells it."""
         dm = self._datamodule()
         dataset = getattr(dm, "train_dataset", None)
-        if dataset is None and self._trainer is not None:
-            loader = self._trainer.train_dataloader
+        trainer = self.attached_trainer
+        if dataset is None and trainer is not None:
+            loader = trainer.train_dataloader
             dataset = getattr(loader, "dataset", None)
         try:
             return len(dataset) if dataset is not None else None
@@ -343,7 +352,7 @@ class TrainingModule(L.LightningModule):
     def _probe_first_batch(self, batch: Any, stage: str) -> None:
         if not self._probe_pending:
             return
-        trainer = self._trainer
+        trainer = self.attached_trainer
         before = {id(p) for p in self.parameters()}
         modules_before = {id(m) for m in self.modules()}
         self.run_probe(unpack_batch(batch), stage)

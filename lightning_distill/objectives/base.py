@@ -62,7 +62,7 @@ class StepInfo:
 
 
 def _fractional_epoch(module: Any, epoch: int) -> float:
-    trainer = getattr(module, "_trainer", None)
+    trainer = getattr(module, "attached_trainer", None)
     if trainer is None:
         return float(epoch)
     batches = trainer.num_training_batches

@@ -285,7 +285,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
         self.set_teacher(source)
 
     def _restart_optimizers(self) -> None:
-        trainer = self._trainer
+        trainer = self.attached_trainer
         if trainer is None:
             return
         # configure_optimizers() again: a new optimizer (empty state) and a new scheduler (initial LR)
@@ -305,7 +305,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
         return None
 
     def _save_generation_file(self, generation: int, module: nn.Module) -> None:
-        if self._trainer is None:
+        if self.attached_trainer is None:
             return
         directory = self.generation_dir()
         if directory is None:

@@ -278,7 +278,7 @@ class MutualLearning(SingleTeacherDistillation):
             raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}.")
         if "{k}" not in metric:
             raise ValueError(f"`metric` must contain '{{k}}' (the student index), got {metric!r}.")
-        callback_metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        callback_metrics = self.attached_trainer.callback_metrics if self.attached_trainer is not None else {}
         values = []
         for k in range(len(self.students)):
             key = metric.format(k=k)
