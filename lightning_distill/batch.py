@@ -48,9 +48,12 @@ __all__ = [
     "Batch",
     "InputRouting",
     "KeywordInputs",
+    "LABEL_SHIFTS",
     "batch_size_of",
     "call_model",
     "clip_batch",
+    "labels_repeat_inputs",
+    "next_token_targets",
     "require_index",
     "resolve_routing",
     "unpack_batch",
@@ -131,6 +134,64 @@ def clip_batch(batch: Batch, n: int) -> Batch:
         return value
 
     return Batch(*(clip(v) for v in batch))
+
+
+#: values of ``label_shift`` (see :func:`next_token_targets`)
+LABEL_SHIFTS = ("auto", "none", "next_token")
+
+
+def next_token_targets(batch: Batch, ignore_index: int = -100) -> Batch:
+    """Targets of a causal language model in Hugging Face's convention, made position-aligned.
+
+    Hugging Face causal-LM batches carry ``labels`` equal to ``input_ids``; the model's logits at position
+    ``t`` predict token ``t + 1`` (its own loss shifts internally). Every loss and metric here compares
+    the logits at ``t`` with ``target[t]``, so the shift is applied once, to the targets:
+
+    .. math:: \text{target}'_t = \text{labels}_{t+1}\\ (t < L - 1), \\qquad \text{target}'_{L-1} = \text{ignore}
+
+    and ``target'_t`` is also ``ignore_index`` where token ``t + 1`` is padding (``mask`` False). Logits,
+    features and ``mask`` are unchanged, so distillation terms still cover every real position (the
+    teacher's next-token distribution there is defined whether or not a label follows).
+
+    Example::
+
+        >>> import torch
+        >>> b = Batch(torch.tensor([[5, 6, 7, 0]]), torch.tensor([[5, 6, 7, 0]]),
+        ...           mask=torch.tensor([[True, True, True, False]]))
+        >>> next_token_targets(b).target.tolist()
+        [[6, 7, -100, -100]]
+    """
+    target = batch.target
+    if target is None:
+        return batch
+    if target.ndim < 2:
+        raise ValueError(
+            f"label_shift='next_token' needs token targets [N, L], got a target of shape {tuple(target.shape)}. "
+            "Sequence classification and other per-sample labels take label_shift='none'."
+        )
+    shifted = torch.full_like(target, ignore_index)
+    shifted[:, :-1] = target[:, 1:]
+    if batch.mask is not None:
+        shifted[:, :-1].masked_fill_(~batch.mask[:, 1:].bool(), ignore_index)
+    return batch._replace(target=shifted)
+
+
+def labels_repeat_inputs(batch: Batch, ignore_index: int = -100) -> Optional[bool]:
+    """Whether the batch follows the causal-LM convention ``labels == input_ids`` (what
+    ``label_shift="auto"`` looks for): ``True`` when every labelled token equals the input token at its
+    position, ``False`` when one differs (targets already aligned, masked-LM labels, class labels),
+    ``None`` when the batch cannot tell (no token targets, or none labelled)."""
+    target, inp = batch.target, batch.input
+    if not isinstance(target, Tensor):
+        return None
+    if target.ndim < 2 or not isinstance(inp, Tensor) or target.shape != inp.shape:
+        return False  # per-sample labels, or targets that cannot be the inputs repeated
+    labelled = target != ignore_index
+    if batch.mask is not None:
+        labelled = labelled & batch.mask.bool()
+    if not bool(labelled.any()):
+        return None
+    return bool((target[labelled] == inp[labelled]).all())
 
 
 def require_index(batch: Batch, needs: str) -> Tensor:

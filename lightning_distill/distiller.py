@@ -26,10 +26,12 @@ learned temperature), and left out of checkpoints unless the source says ``save`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_distill.augment import FunctionMatching
@@ -41,7 +43,7 @@ from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.probe import Probe
 from lightning_distill.teachers import CachedTeacher, TeacherSource, as_source, frozen_parameters
 from lightning_distill.temperature import Temperature
-from lightning_distill.validation import check_alpha
+from lightning_distill.validation import check_alpha, check_choice
 
 __all__ = ["DistillationModule", "check_alpha"]
 
@@ -49,6 +51,8 @@ _FM = "function_matching"
 #: Lightning warns about modules in eval mode when training starts; a frozen teacher is one on purpose
 _EVAL_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 #: hyperparameters that are objects (modules, factories, sources): never in ``hparams``
+VOCAB_ALIGNMENTS = ("strict", "truncate")
+
 _NOT_HPARAMS = (
     "student", "students", "teacher", "teachers", "objectives", "optimizer", "lr_scheduler", "teacher_cache",
     "function_matching", "inputs",
@@ -83,6 +87,11 @@ class DistillationModule(TrainingModule):
             augmented (and mixup / cutmix-mixed) input (Beyer et al. 2022, arXiv:2106.05237). Mixed
             samples lose their hard label. It lives on the module (not in a datamodule) so that it works
             for any data source, and its random state is saved with the module's checkpoint.
+        vocab_alignment: ``"strict"`` (default): teacher and student must predict the same number of
+            classes / tokens. ``"truncate"``: vocabularies of different sizes are compared on their shared
+            prefix (the first ``min(V_teacher, V_student)`` entries, both softmaxes renormalised over it) --
+            the common case of one tokenizer with a padded embedding matrix (152,064 vs 151,936 rows).
+            The task loss still uses all of the student's outputs. Different tokenizers are not supported.
         **kwargs: ``optimizer``, ``lr_scheduler``, ``num_classes``, ... of
             :class:`~lightning_distill.module.TrainingModule`.
     """
@@ -101,9 +110,11 @@ class DistillationModule(TrainingModule):
         inputs: Any = "auto",
         pseudo_labels: Optional[float] = None,
         function_matching: Optional[FunctionMatching] = None,
+        vocab_alignment: str = "strict",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_choice("vocab_alignment", vocab_alignment, VOCAB_ALIGNMENTS)
         if not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be a torch.nn.Module, got {type(student).__name__}.")
         source = as_source(teacher)
@@ -142,6 +153,9 @@ class DistillationModule(TrainingModule):
         self.student_routing = resolve_routing(inputs, "inputs")
         self.pseudo_labels = pseudo_labels
         self.function_matching = function_matching
+        self.vocab_alignment = vocab_alignment
+        #: size of the shared vocabulary prefix when ``vocab_alignment="truncate"`` found different sizes (the probe)
+        self.shared_vocab: Optional[int] = None
         self._student_capture: Optional[FeatureCapture] = None
         self._eval_warning_filter: Optional[warnings.catch_warnings] = None
         self.set_teacher(source)
@@ -275,6 +289,43 @@ class DistillationModule(TrainingModule):
         self.attach_captures()  # building may have resolved more layers to read (e.g. a module's input)
         return num_classes
 
+    def check_teacher_outputs(self, probe: Probe, num_classes: int) -> None:
+        """Teacher and student must predict the same classes / tokens; under ``vocab_alignment="truncate"``
+        different sizes set :attr:`shared_vocab` to the shared prefix's."""
+        self.shared_vocab = None
+        if probe.teacher is None or probe.teacher.logits is None:
+            return
+        n_teacher, n_student = int(probe.teacher.logits.shape[-1]), num_classes
+        if n_teacher == n_student:
+            return
+        teacher, student = type(self.teacher).__name__, type(self.student).__name__
+        if self.vocab_alignment == "truncate":
+            self.shared_vocab = min(n_teacher, n_student)
+            return
+        if self.token_level:
+            raise ValueError(
+                f"teacher and student have different vocabulary sizes: the teacher ({teacher}) outputs {n_teacher} "
+                f"logits per token, the student ({student}) outputs {n_student}. Token-level distillation compares "
+                "the two distributions token by token, so both must use the same tokenizer: build both with the same "
+                "vocab_size (init_args.vocab_size in YAML), or, when one vocabulary is the other's padded prefix (the "
+                "same tokenizer with a larger embedding matrix, e.g. 152064 vs 151936), set "
+                "vocab_alignment='truncate'. Different tokenizers are not supported."
+            )
+        raise ValueError(
+            f"teacher and student disagree on the number of classes: the teacher ({teacher}) outputs {n_teacher}, "
+            f"the student ({student}) outputs {n_student}. Build both with the same num_classes "
+            "(init_args.num_classes in YAML)."
+        )
+
+    def teacher_view(self, student: ModelOutputs, teacher: ModelOutputs) -> tuple[ModelOutputs, ModelOutputs]:
+        """The outputs the teacher-reading objectives compare: with ``vocab_alignment="truncate"`` and vocabularies
+        of different sizes, both logits cut to the shared prefix (softmaxes renormalise over it)."""
+        n = self.shared_vocab
+        if n is None or student.logits is None or teacher.logits is None:
+            return student, teacher
+        return (dataclasses.replace(student, logits=student.logits[..., :n]),
+                dataclasses.replace(teacher, logits=teacher.logits[..., :n]))
+
     # ------------------------------------------------------------------ steps
     def student_outputs(self, batch: Batch) -> ModelOutputs:
         """The student's outputs for ``batch``, with every layer the objectives read in ``features``."""
@@ -310,8 +361,9 @@ class DistillationModule(TrainingModule):
         return source.outputs(inputs if isinstance(inputs, Batch) else Batch(inputs)).logits
 
     def prepare_batch(self, batch: Any) -> Batch:
-        """The training batch both models see: unpacked and through ``function_matching`` when it is set."""
-        b = unpack_batch(batch)
+        """The training batch both models see: read (:meth:`read_batch`) and through ``function_matching`` when it
+        is set."""
+        b = self.read_batch(batch)
         if self.function_matching is None:
             return b
         inputs, target, info = self.function_matching(b.input, b.target, ignore_index=self.ignore_index)
@@ -353,11 +405,14 @@ class DistillationModule(TrainingModule):
         """
         s = as_outputs(student, "the student")
         t = None if teacher is None else as_outputs(teacher, "the teacher")
+        s_kd = s
+        if t is not None and self.shared_vocab is not None:
+            s_kd, t = self.teacher_view(s, t)
         step = self.step_info()
         terms: dict[str, Tensor] = {}
         contributions: dict[str, Tensor] = {}
         for key, objective in self.objectives.items():
-            out = objective(s, t, batch, step)
+            out = objective(s_kd if objective.needs_teacher else s, t, batch, step)
             contributions[key] = out["loss"]
             for name, value in out.items():
                 if name != "loss":
@@ -398,6 +453,12 @@ class DistillationModule(TrainingModule):
         teacher = source.eval_outputs(batch).logits if source is not None else None
         if teacher is not None and teacher.ndim == student.ndim + 1:
             teacher = teacher.float().log_softmax(-1).logsumexp(0) - math.log(teacher.shape[0])
+        if teacher is not None and teacher.shape[-1] != student.shape[-1] and self.shared_vocab is not None:
+            # vocab_alignment="truncate": the teacher's metrics over the student's vocabulary (its extra entries cut,
+            # or the student's extra entries given probability 0)
+            n = student.shape[-1]
+            teacher = teacher[..., :n] if teacher.shape[-1] > n else F.pad(teacher, (0, n - teacher.shape[-1]),
+                                                                              value=-math.inf)
         return student, teacher
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
@@ -437,7 +498,7 @@ class DistillationModule(TrainingModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
         super().on_train_batch_start(batch, batch_idx)
         if not self.__dict__.get("_batch_checked", True):  # the first batch: refused before any forward
-            b = unpack_batch(batch)
+            b = self.read_batch(batch)
             for objective in self.objectives.values():
                 objective.check_batch(b)
             self._batch_checked = True

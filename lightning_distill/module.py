@@ -28,11 +28,19 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_distill.batch import Batch, batch_size_of, unpack_batch
+from lightning_distill.batch import (
+    LABEL_SHIFTS,
+    Batch,
+    batch_size_of,
+    labels_repeat_inputs,
+    next_token_targets,
+    unpack_batch,
+)
 from lightning_distill.losses import cross_entropy_loss
 from lightning_distill.metrics import Perplexity, build_eval_metrics
 from lightning_distill.outputs import ModelOutputs, as_outputs
@@ -61,6 +69,13 @@ class TrainingModule(L.LightningModule):
         num_classes: optional; found by the probe when not given, and checked against the probe and
             the datamodule's ``num_classes`` when it has one.
         ignore_index: target value that marks a sample / token without a label.
+        label_shift: how token targets line up with the logits. ``"none"``: ``target[t]`` is what the
+            logits at position ``t`` predict (this package's text data). ``"next_token"``: Hugging Face's
+            causal-LM convention, ``labels == input_ids`` and the logits at ``t`` predict token ``t + 1``;
+            the targets are shifted once, for the task loss, the metrics and pseudo-labels alike
+            (:func:`~lightning_distill.batch.next_token_targets`). ``"auto"`` (default): ``"next_token"``
+            when the first labelled training or evaluation batch has token labels equal to its input
+            tokens (a model asked to repeat its input is never what is meant), ``"none"`` otherwise.
     """
 
     def __init__(
@@ -71,9 +86,11 @@ class TrainingModule(L.LightningModule):
         lr_scheduler_monitor: str = "val/loss",
         num_classes: Optional[int] = None,
         ignore_index: int = -100,
+        label_shift: str = "auto",
     ) -> None:
         super().__init__()
         check_choice("lr_scheduler_interval", lr_scheduler_interval, _INTERVALS)
+        check_choice("label_shift", label_shift, LABEL_SHIFTS)
         if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 2):
             raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}.")
         self.optimizer_factory = optimizer
@@ -82,6 +99,9 @@ class TrainingModule(L.LightningModule):
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.label_shift = label_shift
+        #: the shift in use: ``label_shift`` itself, or what ``"auto"`` decided (``None``: not yet decided)
+        self.resolved_label_shift: Optional[str] = None if label_shift == "auto" else label_shift
         self.eval_metrics: Optional[nn.ModuleDict] = None
         self.token_level = False  # set by the probe: logits [N, L, V] (language models)
         self._probe_spec: Optional[dict[str, Any]] = None  # what the probe ran on (saved in checkpoints)
@@ -94,6 +114,28 @@ class TrainingModule(L.LightningModule):
     def task_loss(self, logits: Tensor, target: Optional[Tensor]) -> Tensor:
         """Cross-entropy with hard labels, averaged over labelled samples / tokens only (0 when none)."""
         return cross_entropy_loss(logits, target, self.ignore_index)
+
+    def read_batch(self, batch: Any) -> Batch:
+        """A dataloader batch as a :class:`~lightning_distill.batch.Batch` whose targets line up with the
+        logits (``label_shift``). Every training, evaluation and scoring step reads its batch here."""
+        b = unpack_batch(batch)
+        shift = self.resolved_label_shift
+        if shift is None:
+            shift = self._decide_label_shift(b)
+        return next_token_targets(b, self.ignore_index) if shift == "next_token" else b
+
+    def _decide_label_shift(self, batch: Batch) -> str:
+        repeats = labels_repeat_inputs(batch, self.ignore_index)
+        if repeats is None:  # no labelled tokens to tell from: decide on a later batch
+            return "none"
+        self.resolved_label_shift = "next_token" if repeats else "none"
+        if repeats:
+            rank_zero_info(
+                f"{type(self).__name__}: the token labels equal the input tokens (Hugging Face's causal-LM "
+                "convention), so the logits at position t are scored against token t + 1 (label_shift='auto' -> "
+                "'next_token'; set label_shift explicitly to silence this)."
+            )
+        return self.resolved_label_shift
 
     @property
     def attached_trainer(self) -> Optional[L.Trainer]:
@@ -306,31 +348,17 @@ class TrainingModule(L.LightningModule):
 
     def on_probe(self, probe: Probe) -> int:
         """Check the probed output shapes; return the number of classes. Extend to build parts."""
-        output, teacher_output = probe.student.logits, (probe.teacher.logits if probe.teacher is not None else None)
+        output = probe.student.logits
         n_out = int(output.shape[-1])
         trained = self.trained_model
         self.token_level = output.ndim == 3
-        if teacher_output is not None:
-            n_teacher = int(teacher_output.shape[-1])
-            teacher = getattr(self, "teacher", None)
-            if n_teacher != n_out and self.token_level:
-                raise ValueError(
-                    f"teacher and student have different vocabulary sizes: the teacher "
-                    f"({type(teacher).__name__}) outputs {n_teacher} logits per token, the student "
-                    f"({type(trained).__name__}) outputs {n_out}. Token-level distillation compares the "
-                    "two distributions token by token, so both must use the same tokenizer: build both "
-                    "with the same vocab_size (init_args.vocab_size in YAML)."
-                )
-            if n_teacher != n_out:
-                raise ValueError(
-                    f"teacher and student disagree on the number of classes: the teacher "
-                    f"({type(teacher).__name__}) outputs {n_teacher}, the student "
-                    f"({type(trained).__name__}) outputs {n_out}. Build both with the same "
-                    "num_classes (init_args.num_classes in YAML)."
-                )
+        self.check_teacher_outputs(probe, n_out)
         self._check_num_classes(n_out, f"the model ({type(trained).__name__})")
         self.num_classes = n_out
         return n_out
+
+    def check_teacher_outputs(self, probe: Probe, num_classes: int) -> None:
+        """Check the probed teacher outputs against the student's ``num_classes`` (modules with a teacher)."""
 
     def datamodule_num_classes(self) -> Optional[int]:
         value = getattr(self._datamodule(), "num_classes", None)
@@ -415,7 +443,7 @@ class TrainingModule(L.LightningModule):
         raise NotImplementedError
 
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
+        b = self.read_batch(batch)
         logits, teacher_logits = self.eval_logits(b)
         self.update_eval_metrics(stage, logits, b.target, teacher_logits)
 

@@ -272,7 +272,7 @@ class ProgressiveCurriculum(L.Callback):
         try:
             for raw in tqdm(plain, desc="curriculum: scoring difficulty", disable=not show, leave=False):
                 raw = pl_module.transfer_batch_to_device(raw, pl_module.device, 0)
-                batch = unpack_batch(raw)
+                batch = pl_module.read_batch(raw) if callable(getattr(pl_module, "read_batch", None)) else unpack_batch(raw)
                 if callable(getattr(pl_module, "eval_logits", None)):  # the module's own input routing and teacher
                     s_logits, t_logits = pl_module.eval_logits(batch)
                 else:

@@ -364,7 +364,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
         return metrics
 
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
+        b = self.read_batch(batch)
         student_logits, teacher_logits = self.eval_logits(b)
         metrics = self.eval_metrics[stage]
         if b.target is not None:

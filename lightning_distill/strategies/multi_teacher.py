@@ -7,7 +7,6 @@ from typing import Any, Optional, Sequence
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_distill.batch import unpack_batch
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.distiller import DistillationModule, check_alpha
 from lightning_distill.losses import teacher_mixture_log_probs
@@ -194,7 +193,7 @@ class MultiTeacherDistillation(KDPreset, DistillationModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
+        b = self.read_batch(batch)
         student_logits = as_outputs(self.student_routing(self.student, b), "the student").logits
         teacher_logits = self.teacher_source.eval_outputs(b).logits  # the teachers stacked [M, ...]
         if b.target is not None:

@@ -10,7 +10,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_distill.batch import Batch, unpack_batch
+from lightning_distill.batch import Batch
 from lightning_distill.losses import KL_MODES, mutual_loss
 from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.strategies.base import SingleTeacherDistillation, check_alpha
@@ -240,7 +240,7 @@ class MutualLearning(SingleTeacherDistillation):
         return metrics
 
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
+        b = self.read_batch(batch)
         logits = self.student_logits(b)
         source = self.teacher_source
         teacher_logits = source.eval_outputs(b).logits if source is not None else None

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_distill.batch import Batch, resolve_routing, unpack_batch
+from lightning_distill.batch import Batch, resolve_routing
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.distiller import DistillationModule
 from lightning_distill.losses import cross_entropy_loss
@@ -259,7 +259,7 @@ class OnlineDistillation(KDPreset, DistillationModule):
 
     # ------------------------------------------------------------------ steps
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
+        b = self.read_batch(batch)
         student_logits = as_outputs(self.student_routing(self.student, b), "the student").logits
         teacher = self.teacher_source.eval_outputs(b)
         self._update_accuracy(stage, "teacher_acc", teacher.extras["online_logits"], b.target)

@@ -8,7 +8,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_distill.batch import Batch, unpack_batch
+from lightning_distill.batch import Batch
 from lightning_distill.distiller import DistillationModule
 from lightning_distill.objectives.self_distillation import AuxiliaryHeads, HeadOutputs, early_exit
 from lightning_distill.strategies.base import reject_teacher_options
@@ -199,7 +199,7 @@ class SelfDistillation(DistillationModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, stage: str, batch: Any) -> None:
-        b = unpack_batch(batch)
+        b = self.read_batch(batch)
         logits = self.head_outputs(b).logits
         self.update_eval_metrics(stage, logits[-1], b.target, None)
         metrics = self.head_metrics[stage]

@@ -381,3 +381,48 @@ def test_crd_with_index_free_batches_fails_before_the_first_step(make_trainer):
         trainer.fit(module, train_dataloaders=loader)
     assert trainer.global_step == 0
     assert all(torch.equal(module.student.state_dict()[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face pair
+@pytest.mark.parametrize("feeding", ["datamodule", "dataloaders"])
+def test_teacher_contract_hugging_face_causal_lm_pair(feeding, make_trainer):
+    """The same contract for transformers models fed Hugging Face dict batches (dropout in the teacher: train mode
+    would change its outputs)."""
+    pytest.importorskip("transformers")
+    from _hf import HFDictDataModule, tiny_gpt2
+
+    def build():
+        return KnowledgeDistillation(tiny_gpt2(seed=1), tiny_gpt2(n_layer=2, n_embd=24, seed=2), temperature=2.0, alpha=0.5)
+
+    strategy = build()
+    teacher_before, student_before = _state(strategy.teacher), _state(strategy.student)
+    assert all(not p.requires_grad for p in strategy.teacher.parameters()) and not strategy.teacher.training
+    recorder = _Recorder()
+    trainer = make_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2,
+                           callbacks=[recorder, _TrainTheTeacher()], enable_checkpointing=True)
+    dm = HFDictDataModule()
+    data = {"datamodule": dm} if feeding == "datamodule" else {
+        "train_dataloaders": dm.train_dataloader(), "val_dataloaders": dm.val_dataloader()}
+    with pytest.warns(UserWarning, match="teacher submodule was in train mode"):
+        trainer.fit(strategy, **data)
+    _assert_teacher_contract(strategy, recorder, teacher_before)
+    assert all(torch.isfinite(torch.tensor(recorder.losses)))
+    for name, p in strategy.student.named_parameters():
+        assert id(p) in recorder.optimizer_param_ids, name
+    assert any(not torch.equal(v, strategy.student.state_dict()[k]) for k, v in student_before.items())
+    ckpt = torch.load(trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path,
+                      weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+    fresh = build()
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"])
+    for key, value in strategy.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), f"{key} not restored from the checkpoint"
+    # resuming continues from the checkpoint's step with the teacher re-attached, frozen and unchanged
+    resumed = build()
+    trainer2 = make_trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=2, enable_checkpointing=False)
+    trainer2.fit(resumed, ckpt_path=trainer.checkpoint_callback.last_model_path or
+                 trainer.checkpoint_callback.best_model_path, **data)
+    assert trainer2.global_step == trainer.global_step + 3
+    for key, value in teacher_before.items():
+        assert torch.equal(resumed.teacher.state_dict()[key], value)
