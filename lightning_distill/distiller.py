@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from lightning_distill.augment import FunctionMatching
 from lightning_distill.batch import Batch, resolve_routing, unpack_batch, with_pseudo_labels
 from lightning_distill.features import FeatureCapture, check_layer_names
+from lightning_distill.hf import request_outputs
 from lightning_distill.module import CKPT_KEY, TrainingModule
 from lightning_distill.objectives.base import Objective, StepInfo, named_objectives
 from lightning_distill.outputs import ModelOutputs, as_outputs
@@ -209,6 +210,12 @@ class DistillationModule(TrainingModule):
             if objective.teacher_layers():
                 teacher_arg = objective.teacher_layer_argument
         source = self.teacher_source
+        outputs = {name for objective in self.objectives.values() for name in objective.model_outputs}
+        if outputs:
+            request_outputs(self.student, outputs)
+            if source is not None and source.module is not None:
+                for model in (source.module if isinstance(source.module, nn.ModuleList) else [source.module]):
+                    request_outputs(model, outputs)  # every member of a TeacherEnsemble
         if teacher_layers:
             if source is None or source.module is None:
                 raise ValueError(f"`{teacher_arg}`: the objectives read teacher layers, but there is no teacher network.")

@@ -84,6 +84,9 @@ class Objective(nn.Module):
     name: str = "objective"
     #: whether the objective reads teacher outputs; without a teacher it contributes 0
     needs_teacher: bool = True
+    #: model outputs beyond the logits it reads from both models: ``"hidden_states"``, ``"attentions"``
+    #: (Hugging Face models are asked for them, :func:`lightning_distill.hf.request_outputs`)
+    model_outputs: tuple[str, ...] = ()
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()

@@ -213,3 +213,28 @@ def test_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without the extra looks like
     with pytest.raises(ImportError, match=r"needs the optional package `transformers`.*\[hf\]"):
         require("transformers")
+
+
+def test_objectives_reading_hidden_states_and_attentions_get_them_from_hugging_face_models():
+    from lightning_distill.objectives import CrossEntropy, Objective
+
+    class Reads(Objective):
+        name = "reads"
+        model_outputs = ("hidden_states", "attentions")
+
+        def forward(self, student, teacher, batch, step):
+            self.seen = (len(student.hidden_states), len(student.attentions), len(teacher.hidden_states),
+                         len(teacher.attentions))
+            return self.terms(student.hidden_states[-1].sum() * 0.0)
+
+    reads = Reads()
+    module = DistillationModule(tiny_gpt2(n_layer=1), tiny_gpt2(n_layer=2, seed=3),
+                                objectives={"task": CrossEntropy(), "reads": reads})
+    raw = next(iter(DataLoader(causal_lm_batches(4), batch_size=4)))
+    module.training_terms(raw)
+    assert reads.seen == (2, 1, 3, 2)  # embeddings + one state per layer; one attention map per layer
+    assert module.student.config._attn_implementation == "eager"  # attention maps need eager attention
+    from lightning_distill.hf import request_outputs
+
+    with pytest.raises(ValueError, match="unknown model outputs"):
+        request_outputs(module.student, {"logit_lens"})
