@@ -73,6 +73,8 @@ class Classifier(TrainingModule):
         n = self.batch_size_of(b)
         self.log("train/task_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        if self.normalizes_tokens:  # the sum over labelled tokens; the optimizer step divides by the step's count
+            return loss * self.token_counts(b)["labels"]
         return loss
 
     def eval_logits(self, batch: Batch) -> tuple[Tensor, None]:

@@ -31,6 +31,7 @@ import math
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -416,17 +417,26 @@ class DistillationModule(TrainingModule):
         if t is not None and self.shared_vocab is not None:
             s_kd, t = self.teacher_view(s, t)
         step = self.step_info()
+        counts = None
+        if self.normalizes_tokens and s.logits is not None and s.logits.ndim == 3:
+            counts = self.token_counts(batch, s.logits.shape[0] * s.logits.shape[1])
         terms: dict[str, Tensor] = {}
         contributions: dict[str, Tensor] = {}
         for key, objective in self.objectives.items():
             out = objective(s_kd if objective.needs_teacher else s, t, batch, step)
-            contributions[key] = out["loss"]
+            # loss_normalization="tokens": each mean back to a sum over its positions (the step divides by the count)
+            contributions[key] = out["loss"] if counts is None else out["loss"] * counts[objective.averages_over]
             for name, value in out.items():
                 if name != "loss":
                     terms[f"{key}_{name}" if name in terms else name] = value
         if not contributions:
             raise ValueError(f"{type(self).__name__} has no objectives: pass at least one (e.g. CrossEntropy, LogitKD).")
-        return {"loss": self.combine(contributions, step), **terms}
+        total = self.combine(contributions, step)
+        if counts is None:
+            return {"loss": total, **terms}
+        tokens = torch.where(counts["labels"] > 0, counts["labels"], counts["tokens"]).clamp_min(1)
+        # "loss" (what is minimised) is a sum; the logs show it per token of this batch
+        return {"loss": total, "loss_per_token": total.detach() / tokens, "tokens": tokens.float(), **terms}
 
     def training_terms(self, batch: Any) -> tuple[dict[str, Tensor], Batch]:
         """One training step's named loss terms (and the batch as the objectives saw it)."""
@@ -437,8 +447,11 @@ class DistillationModule(TrainingModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms, b = self.training_terms(batch)
+        loss = terms["loss"]
+        if "loss_per_token" in terms:  # loss_normalization="tokens": log the per-token value as train/loss
+            terms = {**terms, "loss": terms.pop("loss_per_token")}
         self.log_terms("train", terms, self.batch_size_of(b))
-        return terms["loss"]
+        return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

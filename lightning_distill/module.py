@@ -53,6 +53,7 @@ OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]
 
 _INTERVALS = ("epoch", "step")
+_NORMALIZATIONS = ("batch", "tokens")
 #: this package's entry in a Lightning checkpoint
 CKPT_KEY = "lightning_distill"
 
@@ -76,6 +77,14 @@ class TrainingModule(L.LightningModule):
             (:func:`~lightning_distill.batch.next_token_targets`). ``"auto"`` (default): ``"next_token"``
             when the first labelled training or evaluation batch has token labels equal to its input
             tokens (a model asked to repeat its input is never what is meant), ``"none"`` otherwise.
+        loss_normalization: how token-level losses are averaged. ``"batch"`` (default): each term is a
+            mean over its positions in the micro-batch (Lightning then averages micro-batches and
+            ranks), so sequences of different lengths weigh differently depending on how they were
+            batched. ``"tokens"``: each term is summed over its positions and the optimizer step divides
+            by the number of labelled tokens of the whole step -- every micro-batch of the gradient
+            accumulation, on every rank (the real, unpadded tokens when nothing is labelled) -- so
+            batch 8, batch 2 x ``accumulate_grad_batches=4`` and 2-process DDP give the same gradients.
+            Only token-level steps (logits ``[N, L, V]``) are affected.
     """
 
     def __init__(
@@ -87,10 +96,12 @@ class TrainingModule(L.LightningModule):
         num_classes: Optional[int] = None,
         ignore_index: int = -100,
         label_shift: str = "auto",
+        loss_normalization: str = "batch",
     ) -> None:
         super().__init__()
         check_choice("lr_scheduler_interval", lr_scheduler_interval, _INTERVALS)
         check_choice("label_shift", label_shift, LABEL_SHIFTS)
+        check_choice("loss_normalization", loss_normalization, _NORMALIZATIONS)
         if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 2):
             raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}.")
         self.optimizer_factory = optimizer
@@ -102,6 +113,8 @@ class TrainingModule(L.LightningModule):
         self.label_shift = label_shift
         #: the shift in use: ``label_shift`` itself, or what ``"auto"`` decided (``None``: not yet decided)
         self.resolved_label_shift: Optional[str] = None if label_shift == "auto" else label_shift
+        self.loss_normalization = loss_normalization
+        self._step_tokens: Optional[Tensor] = None  # [labelled, real] tokens of the optimizer step so far
         self.eval_metrics: Optional[nn.ModuleDict] = None
         self.token_level = False  # set by the probe: logits [N, L, V] (language models)
         self._probe_spec: Optional[dict[str, Any]] = None  # what the probe ran on (saved in checkpoints)
@@ -136,6 +149,46 @@ class TrainingModule(L.LightningModule):
                 "'next_token'; set label_shift explicitly to silence this)."
             )
         return self.resolved_label_shift
+
+    # ------------------------------------------------------------------ token-normalised losses
+    @property
+    def normalizes_tokens(self) -> bool:
+        """Whether training steps use ``loss_normalization="tokens"`` (set, and the logits are per token)."""
+        return self.loss_normalization == "tokens" and self.token_level
+
+    def token_counts(self, batch: Batch, positions: Optional[int] = None) -> dict[str, Tensor]:
+        """``{"labels": labelled tokens, "tokens": real tokens}`` of a token-level training batch, counted on its
+        device (no host sync) and added to the optimizer step's count; ``positions`` is ``N * L`` for batches
+        without a mask or target."""
+        target, mask = batch.target, batch.mask
+        if mask is not None:
+            real = mask.bool().sum()
+        elif target is not None:
+            real = torch.tensor(target.numel(), device=target.device)
+        else:
+            real = torch.tensor(int(positions or 0))
+        labelled = (target != self.ignore_index).sum() if target is not None else torch.zeros_like(real)
+        counts = {"labels": labelled, "tokens": real}
+        step = torch.stack([labelled, real]).float()
+        self._step_tokens = step if self._step_tokens is None else self._step_tokens + step.to(self._step_tokens.device)
+        return counts
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Under ``loss_normalization="tokens"``: every micro-batch returned a *sum* over its tokens; Lightning
+        divided each by ``accumulate_grad_batches`` (N) and DDP averaged over the W ranks, so multiplying the
+        gradients by ``N * W / T`` (T: labelled tokens of the step over all micro-batches and ranks) leaves
+        sum / T. Runs before gradient clipping."""
+        counts, self._step_tokens = self._step_tokens, None
+        if counts is None or not self.normalizes_tokens:
+            return
+        trainer = self.trainer
+        total = trainer.strategy.reduce(counts.to(self.device), reduce_op="sum")
+        denominator = torch.where(total[0] > 0, total[0], total[1]).clamp_min(1.0)
+        scale = (float(trainer.accumulate_grad_batches) * float(trainer.world_size)) / denominator
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
 
     @property
     def attached_trainer(self) -> Optional[L.Trainer]:

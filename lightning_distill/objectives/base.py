@@ -84,6 +84,9 @@ class Objective(nn.Module):
     name: str = "objective"
     #: whether the objective reads teacher outputs; without a teacher it contributes 0
     needs_teacher: bool = True
+    #: the positions its value is a mean over on token-level data: ``"tokens"`` (the real, unpadded tokens) or
+    #: ``"labels"`` (the labelled ones); ``loss_normalization="tokens"`` turns the mean back into a sum with it
+    averages_over: str = "tokens"
     #: model outputs beyond the logits it reads from both models: ``"hidden_states"``, ``"attentions"``
     #: (Hugging Face models are asked for them, :func:`lightning_distill.hf.request_outputs`)
     model_outputs: tuple[str, ...] = ()

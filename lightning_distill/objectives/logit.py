@@ -246,6 +246,7 @@ class DKD(Objective):
     """
 
     name = "dkd"
+    averages_over = "labels"  # every position needs its target class
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ class CrossEntropy(Objective):
 
     name = "task"
     needs_teacher = False
+    averages_over = "labels"
 
     def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
         super().__init__(weight)

@@ -351,7 +351,10 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
     def distillation_losses(self, student: Any, teacher: Any, batch: Batch) -> dict[str, Tensor]:
         terms = super().distillation_losses(student, teacher, batch)
         if teacher is None:  # generation 1 without a teacher: labels only
-            terms["loss"] = terms["task_loss"]
+            if "tokens" in terms:  # loss_normalization="tokens": the sum over labelled tokens
+                terms["loss"], terms["loss_per_token"] = terms["task_loss"] * terms["tokens"], terms["task_loss"]
+            else:
+                terms["loss"] = terms["task_loss"]
         return terms
 
     # ------------------------------------------------------------------ evaluation

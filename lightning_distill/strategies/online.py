@@ -75,6 +75,7 @@ class OnlineTeacherLoss(Objective):
     ``train/teacher_loss``."""
 
     name = "teacher"
+    averages_over = "labels"
 
     def __init__(self, weight: float = 1.0, ignore_index: int = -100) -> None:
         super().__init__(weight)
