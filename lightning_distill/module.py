@@ -58,6 +58,34 @@ _NORMALIZATIONS = ("batch", "tokens")
 CKPT_KEY = "lightning_distill"
 
 
+_OPTIMIZER_SETTINGS = {"lr", "learning_rate", "weight_decay", "momentum", "betas", "eps"}
+
+
+def _unexpected_arguments(cls: type, unexpected: Mapping[str, Any]) -> str:
+    """``TypeError`` text for keyword arguments no ``__init__`` along ``cls``'s MRO accepts: it names the class the
+    user called (not an internal base class) and the closest valid names."""
+    import difflib
+    import inspect
+
+    valid: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass.__module__.startswith(("lightning.", "torch.")):
+            continue
+        for name, p in inspect.signature(init).parameters.items():
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in valid:
+                valid.append(name)
+    lines = []
+    for name in unexpected:
+        close = difflib.get_close_matches(name, valid, n=2, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        if name in _OPTIMIZER_SETTINGS:
+            hint += (f" Optimizer settings go in `optimizer`: functools.partial(torch.optim.Adam, {name}=...) in Python, "
+                     f"or optimizer: {{class_path: torch.optim.Adam, init_args: {{{name}: ...}}}} in YAML.")
+        lines.append(f"{cls.__name__}() got an unexpected keyword argument {name!r}.{hint}")
+    return " ".join(lines) + f" Valid arguments: {', '.join(valid)}."
+
+
 class TrainingModule(L.LightningModule):
     """Base of :class:`Classifier` and :class:`DistillationModule` (not used directly).
 
@@ -97,7 +125,10 @@ class TrainingModule(L.LightningModule):
         ignore_index: int = -100,
         label_shift: str = "auto",
         loss_normalization: str = "batch",
+        **unexpected: Any,
     ) -> None:
+        if unexpected:
+            raise TypeError(_unexpected_arguments(type(self), unexpected))
         super().__init__()
         check_choice("lr_scheduler_interval", lr_scheduler_interval, _INTERVALS)
         check_choice("label_shift", label_shift, LABEL_SHIFTS)

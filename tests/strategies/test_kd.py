@@ -104,3 +104,14 @@ def test_student_learns_from_the_teacher_alone(digits_dm, make_trainer):
     assert result["test/teacher_acc"] > 0.97
     assert result["test/acc"] > 0.85  # chance is 0.10
     assert result["test/agreement"] > 0.85
+
+
+def test_a_misspelled_argument_names_the_class_called_and_the_fix():
+    with pytest.raises(TypeError, match=r"^KnowledgeDistillation\(\) got an unexpected keyword argument 'temprature'\. "
+                                        r"Did you mean 'temperature'\?"):
+        KnowledgeDistillation(DigitsMLP(), DigitsCNN(), temprature=3.0)
+    from lightning_distill import Classifier
+
+    with pytest.raises(TypeError, match=r"^Classifier\(\) got an unexpected keyword argument 'lr'\. Optimizer settings "
+                                        r"go in `optimizer`"):
+        Classifier(DigitsMLP(), lr=0.1)
