@@ -1,7 +1,7 @@
 """Tiny Hugging Face models and batches in Hugging Face's own conventions, for the tests.
 
-Models are built from config objects (random init, no download); extra keyword arguments go to the config. Batches are dicts
-``{"input_ids", "attention_mask", "labels"}`` of right-padded sequences of different lengths:
+Models are built from config objects (random init, no download; extra keyword arguments go to the config).
+Batches are dicts ``{"input_ids", "attention_mask", "labels"}`` of right-padded sequences of different lengths:
 
 * causal LM: ``labels == input_ids`` with ``-100`` at padding (what ``DataCollatorForLanguageModeling(mlm=False)``
   yields; the model's logits at position t predict token t + 1);

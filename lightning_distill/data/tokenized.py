@@ -37,15 +37,8 @@ from lightning_distill.data.common import EpochShuffleSampler, SplitDataModule
 from lightning_distill.hf import require
 from lightning_distill.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = [
-    "SPECIAL_TOKENS",
-    "TokenBlockDataset",
-    "TokenizedTextDataModule",
-    "as_pretrained_tokenizer",
-    "default_documents",
-    "mask_tokens",
-    "train_tokenizer",
-]
+__all__ = ["SPECIAL_TOKENS", "TokenBlockDataset", "TokenizedTextDataModule", "as_pretrained_tokenizer",
+           "default_documents", "mask_tokens", "train_tokenizer"]
 
 #: the special tokens of a trained tokenizer, by Hugging Face role; they get ids 0 .. 4 in this order
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]",
@@ -244,9 +237,9 @@ class TokenBlockDataset(Dataset):
     afresh every epoch, ``dataset[i]`` as epoch 0 -- so validation masks never change.
     """
 
-    def __init__(self, ids: Tensor, lengths: Tensor, objective: str = "causal", pad_id: int = 0,
-                 mlm: Optional[dict[str, Any]] = None, split: int = 0) -> None:
-        self.ids, self.lengths, self.objective, self.pad_id, self.split = ids, lengths, objective, pad_id, split
+    def __init__(self, ids: Tensor, lengths: Tensor, objective: str = "causal", mlm: Optional[dict[str, Any]] = None,
+                 split: int = 0) -> None:
+        self.ids, self.lengths, self.objective, self.split = ids, lengths, objective, split
         self.mlm = mlm  # {"mask_id", "special_ids", "random_ids", "probability", "seed"} for objective="mlm"
 
     def __len__(self) -> int:
@@ -342,8 +335,8 @@ class TokenizedTextDataModule(SplitDataModule):
         super().__init__()
         paths = None if path is None else ([path] if isinstance(path, (str, os.PathLike)) else path)
         if paths is not None:
-            if not isinstance(paths, (list, tuple)) or not paths or not all(isinstance(p, (str, os.PathLike))
-                                                                            for p in paths):
+            if not isinstance(paths, (list, tuple)) or not paths or any(not isinstance(p, (str, os.PathLike))
+                                                                        for p in paths):
                 raise TypeError(f"`path` must be a text file, a non-empty list of them or None, got {path!r}.")
             for p in paths:
                 if not os.path.isfile(p):
@@ -358,14 +351,15 @@ class TokenizedTextDataModule(SplitDataModule):
                                      "drop it, or pass tokenizer=None.")
             if isinstance(tokenizer, (str, os.PathLike)):
                 if not os.path.isdir(tokenizer):
-                    raise FileNotFoundError(f"`tokenizer` {os.fspath(tokenizer)!r} is not a directory: pass one written "
-                                            "by save_tokenizer / save_pretrained, a tokenizer object, or None.")
+                    raise FileNotFoundError(f"`tokenizer` {os.fspath(tokenizer)!r} is not a directory: pass one "
+                                            "written by save_tokenizer / save_pretrained, a tokenizer object, or None.")
             elif not isinstance(tokenizer, (require("tokenizers").Tokenizer,
                                             require("transformers").PreTrainedTokenizerBase)):
                 raise TypeError(f"`tokenizer` must be None, a directory, a tokenizers.Tokenizer or a transformers "
                                 f"tokenizer, got {type(tokenizer).__name__}.")
         else:
-            vocab_size = check_int("vocab_size", 1024 if vocab_size is None else vocab_size, minimum=len(SPECIAL_TOKENS) + 2)
+            vocab_size = check_int("vocab_size", 1024 if vocab_size is None else vocab_size,
+                                   minimum=len(SPECIAL_TOKENS) + 2)
             tokenizer_kind = check_choice("tokenizer_kind", tokenizer_kind or "bpe", TOKENIZER_KINDS)
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.seq_len = check_int("seq_len", seq_len, minimum=2)
@@ -379,7 +373,7 @@ class TokenizedTextDataModule(SplitDataModule):
         self.max_chars = None if max_chars is None else check_int("max_chars", max_chars, minimum=1)
         if document_separator is not None and (not isinstance(document_separator, str) or not document_separator):
             raise ValueError(f"`document_separator` must be a non-empty str or None, got {document_separator!r}.")
-        self.mlm_probability = check_float("mlm_probability", mlm_probability, 0.0, 1.0, low_open=True, high_open=True)
+        self.mlm_probability = check_float("mlm_probability", mlm_probability, 0, 1, low_open=True, high_open=True)
         self.split_seed = check_int("split_seed", split_seed, minimum=0)
         self.mask_seed = check_int("mask_seed", mask_seed, minimum=0)
         self.shuffle_seed = None if shuffle_seed is None else check_int("shuffle_seed", shuffle_seed, type_error=True)
@@ -422,8 +416,8 @@ class TokenizedTextDataModule(SplitDataModule):
         if n - n_val - n_test < 1:
             where = "Python's documentation" if self.paths is None else f"`path` {self.paths!r}"
             raise ValueError(
-                f"the corpus ({where}, max_chars={self.max_chars!r}) has {n} non-empty document(s); train, val and test "
-                "need at least one each. Raise or drop max_chars, add files, or cut files into more documents "
+                f"the corpus ({where}, max_chars={self.max_chars!r}) has {n} non-empty document(s); train, val and "
+                "test need at least one each. Raise or drop max_chars, add files, or cut files into more documents "
                 "(document_separator).")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
@@ -465,6 +459,7 @@ class TokenizedTextDataModule(SplitDataModule):
 
     @property
     def pad_token_id(self) -> Optional[int]:
+        """The tokenizer's padding id (the models' ``pad_token_id``)."""
         return self.tokenizer.pad_token_id
 
     def save_tokenizer(self, directory: Union[str, os.PathLike]) -> Path:
@@ -475,31 +470,32 @@ class TokenizedTextDataModule(SplitDataModule):
     # ------------------------------------------------------------------ samples
     def _blocks(self, documents: list[str], split: str) -> TokenBlockDataset:
         tok, length = self._tokenizer, self.seq_len
-        encoded = tok(documents, add_special_tokens=False)["input_ids"] if documents else []
-        pieces = [torch.tensor(ids + [tok.eos_token_id], dtype=torch.long) for ids in encoded]
+        encoded = tok(documents, add_special_tokens=False)["input_ids"]
+        pieces = [torch.tensor(ids + [tok.eos_token_id]) for ids in encoded]
         if self.packing:
             stream = torch.cat(pieces)
             n_blocks = len(stream) // length
             ids, lengths = stream[: n_blocks * length].view(n_blocks, length), torch.full((n_blocks,), length)
         else:
-            pad, rows, lens = tok.pad_token_id, [], []
+            rows, lens = [], []
             for piece in pieces:
-                n_rows = -(-len(piece) // length)
-                rows.append(torch.cat([piece, piece.new_full((n_rows * length - len(piece),), pad)]).view(n_rows, length))
-                lens += [length] * (n_rows - 1) + [len(piece) - (n_rows - 1) * length]
+                n = -(-len(piece) // length)
+                padding = piece.new_full((n * length - len(piece),), tok.pad_token_id)
+                rows.append(torch.cat([piece, padding]).view(n, length))
+                lens += [length] * (n - 1) + [len(piece) - (n - 1) * length]
             ids, lengths = torch.cat(rows), torch.tensor(lens)
         if len(ids) == 0:
             more = "raise or drop max_chars" + ("" if split == "train" else f", raise {split}_fraction")
             raise ValueError(
-                f"the {split} split ({len(documents)} document(s), {sum(len(p) for p in pieces)} tokens) holds no full "
-                f"block of seq_len={length} tokens: lower seq_len, use packing=False, or {more}.")
+                f"the {split} split ({len(documents)} document(s), {sum(len(p) for p in pieces)} tokens) holds no "
+                f"full block of seq_len={length} tokens: lower seq_len, use packing=False, or {more}.")
         mlm = None
         if self.objective == "mlm":
             special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
             vocab = torch.arange(len(tok))
-            mlm = {"mask_id": tok.mask_token_id, "special_ids": special, "random_ids": vocab[~torch.isin(vocab, special)],
-                   "probability": self.mlm_probability, "seed": self.mask_seed}
-        return TokenBlockDataset(ids, lengths, self.objective, tok.pad_token_id or 0, mlm, _SPLITS.index(split))
+            mlm = {"mask_id": tok.mask_token_id, "special_ids": special, "probability": self.mlm_probability,
+                   "random_ids": vocab[~torch.isin(vocab, special)], "seed": self.mask_seed}
+        return TokenBlockDataset(ids, lengths, self.objective, mlm, _SPLITS.index(split))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_dataset is not None:

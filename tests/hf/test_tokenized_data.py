@@ -129,7 +129,8 @@ def test_causal_padded_collation_matches_hand_built_rows():
     n = int(last["attention_mask"].sum())
     assert int(last["input_ids"][n - 1]) == dm.tokenizer.eos_token_id  # the document's EOS, then padding
     batch = next(iter(dm.val_dataloader()))
-    assert sorted(batch) == ["attention_mask", "index", "input_ids", "labels"] and batch["index"].tolist() == list(range(8))
+    assert sorted(batch) == ["attention_mask", "index", "input_ids", "labels"]
+    assert batch["index"].tolist() == list(range(8))
 
 
 @pytest.mark.parametrize(("objective", "kind"), [("causal", "bpe"), ("mlm", "wordpiece")])
@@ -156,7 +157,8 @@ def test_mask_tokens_against_a_hand_built_case():
     maskable = torch.ones(20, dtype=torch.bool)
     maskable[[0, 19]] = False  # e.g. EOS / padding
     g = torch.Generator().manual_seed(0)
-    inputs, labels = mask_tokens(ids, maskable, mask_id=4, random_ids=torch.arange(5, 40), probability=0.25, generator=g)
+    inputs, labels = mask_tokens(ids, maskable, mask_id=4, random_ids=torch.arange(5, 40), probability=0.25,
+                                 generator=g)
     chosen = labels != -100
     assert int(chosen.sum()) == round(0.25 * 18) and not chosen[[0, 19]].any()
     assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
@@ -185,7 +187,8 @@ def test_mlm_masks_15_percent_with_the_80_10_10_split(mlm_dm):
             assert (sample["token_type_ids"] == 0).all()
             counts["mask"] += int((inputs[chosen] == tok.mask_token_id).sum())
             counts["keep"] += int((inputs[chosen] == original[chosen]).sum())
-            counts["random"] += int(((inputs[chosen] != tok.mask_token_id) & (inputs[chosen] != original[chosen])).sum())
+            replaced = (inputs[chosen] != tok.mask_token_id) & (inputs[chosen] != original[chosen])
+            counts["random"] += int(replaced.sum())
             assert not torch.isin(inputs[chosen & (inputs != tok.mask_token_id)], specials).any()
     total = sum(counts.values())
     assert total > 3000
@@ -309,8 +312,8 @@ def test_errors_found_when_the_data_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"the tokenizer has no mask_token, which objective='mlm' needs"):
         TokenizedTextDataModule(tokenizer=wrapped, objective="mlm", max_chars=CHARS, val_fraction=0.2,
                                 test_fraction=0.2).setup()
-    with pytest.raises(ValueError, match=r"the train split \(4 document\(s\), \d+ tokens\) holds no full block of seq_len=20000 tokens: lower "
-                                         r"seq_len, use packing=False"):
+    with pytest.raises(ValueError, match=r"the train split \(4 document\(s\), \d+ tokens\) holds no full block of "
+                                         r"seq_len=20000 tokens: lower seq_len, use packing=False"):
         make_dm(seq_len=20000)
     with pytest.raises(ValueError, match="has 1 non-empty document"):
         make_dm(max_chars=100)
