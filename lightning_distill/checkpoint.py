@@ -3,15 +3,19 @@
 Used for ``teacher_checkpoint``: accepts a Lightning checkpoint of a :class:`Classifier` run
 (keys ``model.*``), of a distillation run (its ``student.*`` becomes the weights), a
 RepDistiller-style ``{"model": state_dict, ...}`` file, or a plain state dict; ``zoo:NAME`` names weights shipped inside the package (see
-:mod:`lightning_distill.zoo`).
+:mod:`lightning_distill.zoo`). Hugging Face weights load too: a ``.safetensors`` file, or a model directory
+(what ``save_pretrained`` writes: ``model.safetensors``, sharded ``model.safetensors.index.json``, or a legacy
+``pytorch_model.bin``). Weights such files leave out because they are tied to others (a language model's
+output layer sharing the input embedding) are taken from the weight they are tied to.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +28,17 @@ _MODULE_PREFIXES = ("model.", "student.")
 
 
 def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_checkpoint") -> dict:
-    """``torch.load`` a file with ``weights_only=True`` and a clear error when that is refused."""
+    """``torch.load`` a file with ``weights_only=True`` and a clear error when that is refused; ``.safetensors``
+    files and Hugging Face model directories are read with ``safetensors`` (a state dict)."""
     from lightning_distill.zoo import resolve
 
     resolved = resolve(path)
+    if Path(resolved).is_dir():
+        resolved = _weights_in_directory(Path(resolved), path, argument)
+        if isinstance(resolved, dict):
+            return resolved
+    elif Path(resolved).suffix == ".safetensors" and Path(resolved).is_file():
+        return _read_safetensors([Path(resolved)], path, argument)
     if not Path(resolved).is_file():
         raise FileNotFoundError(f"`{argument}`={str(path)!r}: no such file ({resolved}).")
     try:
@@ -53,6 +64,59 @@ def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_chec
             "Lightning checkpoint (a dict with a 'state_dict' entry)."
         )
     return obj
+
+
+def _weights_in_directory(directory: Path, path: Any, argument: str) -> Union[dict, Path]:
+    """The weights of a Hugging Face model directory (a state dict), or the ``pytorch_model.bin`` to ``torch.load``."""
+    if (directory / "model.safetensors").is_file():
+        return _read_safetensors([directory / "model.safetensors"], path, argument)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            message = f"`{argument}`={str(path)!r}: unreadable {index.name} ({type(err).__name__}: {err})."
+            raise ValueError(message) from None
+        return _read_safetensors([directory / shard for shard in shards], path, argument)
+    if (directory / "pytorch_model.bin").is_file():
+        return directory / "pytorch_model.bin"
+    raise FileNotFoundError(
+        f"`{argument}`={str(path)!r} is a directory without model weights (model.safetensors, "
+        "model.safetensors.index.json or pytorch_model.bin): pass a Hugging Face model directory written by "
+        "save_pretrained, a .safetensors file or a torch.save file."
+    )
+
+
+def _read_safetensors(files: list[Path], path: Any, argument: str) -> dict[str, Tensor]:
+    from lightning_distill.hf import require
+
+    load_file = require("safetensors.torch").load_file
+    state: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file), device="cpu"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"`{argument}`={str(path)!r}: missing weight file {file}.") from None
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"`{argument}`={str(path)!r}: {file.name} is not a readable safetensors file "
+                             f"({type(err).__name__}: {err}).") from None
+    return state
+
+
+def _fill_tied(module: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Entries of ``module`` missing from ``state`` that share their storage with an entry present (tied weights)."""
+    own = module.state_dict()
+    present: dict[tuple, str] = {}
+    for key, value in own.items():
+        if key in state and isinstance(value, Tensor) and value.data_ptr() != 0:
+            present.setdefault((value.data_ptr(), tuple(value.shape)), key)
+    filled = dict(state)
+    for key, value in own.items():
+        if key not in state and isinstance(value, Tensor) and value.numel() > 0:
+            twin = present.get((value.data_ptr(), tuple(value.shape)))
+            if twin is not None:
+                filled[key] = state[twin]
+    return filled
 
 
 def extract_state_dict(checkpoint: dict) -> dict[str, Tensor]:
@@ -82,7 +146,7 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
         ValueError: keys missing from the file, unexpected keys, or shape mismatches -- all of
             them listed -- or a file that would need code execution to load.
     """
-    state = extract_state_dict(read_checkpoint(path, argument))
+    state = _fill_tied(module, extract_state_dict(read_checkpoint(path, argument)))
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -12,6 +12,10 @@ without them::
 
     pip install -e ".[hf]"      # transformers + tokenizers (included in ".[dev]")
 
+A distilled student leaves as a normal Hugging Face model directory through :func:`save_pretrained` (the
+teacher stays behind); tokenized text for such models comes from
+:class:`lightning_distill.data.TokenizedTextDataModule`.
+
 Example::
 
     >>> from lightning_distill.hf import require
@@ -22,11 +26,14 @@ Example::
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from types import ModuleType
+from typing import Any, Optional, Union
 
 from torch import nn
 
-__all__ = ["MODEL_OUTPUTS", "request_outputs", "require"]
+__all__ = ["MODEL_OUTPUTS", "request_outputs", "require", "save_pretrained"]
 
 #: model outputs beyond the logits that objectives may read (``Objective.model_outputs``)
 MODEL_OUTPUTS = ("hidden_states", "attentions")
@@ -66,3 +73,64 @@ def request_outputs(model: nn.Module, outputs: "set[str] | tuple[str, ...]") -> 
         config.output_attentions = True
     if "hidden_states" in outputs:
         config.output_hidden_states = True
+
+
+def _trained_network(module_or_model: Any) -> nn.Module:
+    """The student of a distillation module, the model of a ``Classifier``, or the network itself."""
+    transformers = require("transformers")
+    if isinstance(module_or_model, transformers.PreTrainedModel):
+        return module_or_model
+    for name in ("student", "model"):  # DistillationModule.student, Classifier.model
+        network = getattr(module_or_model, name, None)
+        if isinstance(network, nn.Module):
+            return network
+    return module_or_model
+
+
+def save_pretrained(module_or_model: Any, directory: Union[str, os.PathLike], tokenizer: Optional[Any] = None) -> Path:
+    """Write the distilled student -- never the teacher -- as a Hugging Face model directory.
+
+    ``module_or_model`` is a distillation module (its ``student`` is written), a ``Classifier`` (its
+    ``model``) or a ``transformers`` model. The directory gets what ``model.save_pretrained`` writes
+    (``config.json``, ``model.safetensors``) and, when ``tokenizer`` is given (a ``transformers`` tokenizer
+    or a ``tokenizers.Tokenizer``), the tokenizer files, so that ``AutoModelFor...from_pretrained(directory)``
+    and ``AutoTokenizer.from_pretrained(directory)`` load them. ``output_hidden_states`` /
+    ``output_attentions``, which objectives reading those outputs switch on during training, are written
+    switched off.
+
+    Returns:
+        the directory.
+
+    Raises:
+        TypeError: the student is not a ``transformers`` ``PreTrainedModel`` (save its state dict instead).
+    """
+    transformers = require("transformers")
+    model = _trained_network(module_or_model)
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(
+            "save_pretrained writes Hugging Face model directories and needs a transformers PreTrainedModel, but the "
+            f"trained model (the student) is a {type(model).__module__}.{type(model).__name__}. Save its weights with "
+            "the library's state-dict export instead: torch.save(module.student.state_dict(), 'student.pt'), or "
+            "`python -m lightning_distill.zoo export RUN.ckpt student.pt` from a training checkpoint."
+        )
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"`directory` must be a path, got {type(directory).__name__}.")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"`directory` {str(directory)!r} is a file; pass a directory (it is created if missing).")
+    if tokenizer is not None:
+        from lightning_distill.data.tokenized import as_pretrained_tokenizer
+
+        tokenizer = as_pretrained_tokenizer(tokenizer)
+    config = model.config
+    flags = {name: getattr(config, name, False) for name in ("output_hidden_states", "output_attentions")}
+    try:
+        for name in flags:
+            setattr(config, name, False)
+        model.save_pretrained(directory)
+    finally:
+        for name, value in flags.items():
+            setattr(config, name, value)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

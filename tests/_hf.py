@@ -1,7 +1,7 @@
 """Tiny Hugging Face models and batches in Hugging Face's own conventions, for the tests.
 
-Models are built from config objects (random init, no download). Batches are dicts
-``{"input_ids", "attention_mask", "labels"}`` of right-padded sequences of different lengths:
+Models are built from config objects (random init, no download; extra keyword arguments go to the config).
+Batches are dicts ``{"input_ids", "attention_mask", "labels"}`` of right-padded sequences of different lengths:
 
 * causal LM: ``labels == input_ids`` with ``-100`` at padding (what ``DataCollatorForLanguageModeling(mlm=False)``
   yields; the model's logits at position t predict token t + 1);
@@ -18,35 +18,36 @@ VOCAB = 40
 PAD, MASK = 0, 1
 
 
-def tiny_gpt2(n_layer: int = 1, n_embd: int = 16, vocab_size: int = VOCAB, dropout: float = 0.1, seed: int = 0):
+def tiny_gpt2(n_layer: int = 1, n_embd: int = 16, vocab_size: int = VOCAB, dropout: float = 0.1, seed: int = 0,
+              **config):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=32, n_embd=n_embd, n_layer=n_layer, n_head=2,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, pad_token_id=PAD,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **{"pad_token_id": PAD, **config},
     )
     return GPT2LMHeadModel(config)
 
 
-def tiny_bert_mlm(n_layer: int = 1, hidden: int = 16, vocab_size: int = VOCAB, seed: int = 0):
+def tiny_bert_mlm(n_layer: int = 1, hidden: int = 16, vocab_size: int = VOCAB, seed: int = 0, **config):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=32, type_vocab_size=2, pad_token_id=PAD,
+        intermediate_size=2 * hidden, max_position_embeddings=32, type_vocab_size=2, **{"pad_token_id": PAD, **config},
     )
     return BertForMaskedLM(config)
 
 
-def tiny_distilbert_mlm(n_layers: int = 1, dim: int = 16, vocab_size: int = VOCAB, seed: int = 0):
+def tiny_distilbert_mlm(n_layers: int = 1, dim: int = 16, vocab_size: int = VOCAB, seed: int = 0, **config):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     torch.manual_seed(seed)
     config = DistilBertConfig(
         vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=2, hidden_dim=2 * dim,
-        max_position_embeddings=32, pad_token_id=PAD,
+        max_position_embeddings=32, **{"pad_token_id": PAD, **config},
     )
     return DistilBertForMaskedLM(config)
 
