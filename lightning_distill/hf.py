@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-__all__ = ["MODEL_OUTPUTS", "request_outputs", "require", "save_pretrained"]
+__all__ = ["MODEL_OUTPUTS", "PRETRAINED_TASKS", "pretrained", "request_outputs", "require", "save_pretrained"]
 
 #: model outputs beyond the logits that objectives may read (``Objective.model_outputs``)
 MODEL_OUTPUTS = ("hidden_states", "attentions")
@@ -134,3 +134,32 @@ def save_pretrained(module_or_model: Any, directory: Union[str, os.PathLike], to
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+#: ``task`` of :func:`pretrained` -> the ``transformers`` auto class that loads it
+PRETRAINED_TASKS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "base": "AutoModel",
+}
+
+
+def pretrained(path: str, task: str = "causal_lm", **kwargs: Any) -> nn.Module:
+    """A ``transformers`` model from a local directory (``AutoModelFor<task>.from_pretrained(path, **kwargs)``).
+
+    The way to a pretrained student or teacher in YAML (a ``class_path`` may name this function)::
+
+        teacher:
+          class_path: lightning_distill.hf.pretrained
+          init_args:
+            path: runs/hf/teacher_export       # what lightning_distill.hf.save_pretrained wrote
+            task: causal_lm                    # causal_lm | masked_lm | sequence_classification | token_classification | base
+
+    Nothing is downloaded unless ``path`` is a hub name and the machine has network access.
+    """
+    if task not in PRETRAINED_TASKS:
+        raise ValueError(f"`task` must be one of {tuple(PRETRAINED_TASKS)}, got {task!r}.")
+    auto = getattr(require("transformers"), PRETRAINED_TASKS[task])
+    return auto.from_pretrained(os.fspath(path), **kwargs)

@@ -124,3 +124,25 @@ def test_a_hugging_face_directory_or_safetensors_file_is_a_teacher_checkpoint(tm
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="broken.safetensors is not a readable safetensors file"):
         KnowledgeDistillation(tiny_gpt2(seed=1), tiny_gpt2(), teacher_checkpoint=str(tmp_path / "broken.safetensors"))
+
+
+def test_pretrained_loads_a_saved_student_from_python_and_from_yaml(tmp_path):
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from lightning_distill.hf import pretrained
+
+    model = tiny_gpt2(n_layer=1, dropout=0.0)
+    save_pretrained(model, tmp_path / "student")
+    batch = {"input_ids": torch.randint(2, 40, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    expected = _logits(model, batch)
+    assert torch.equal(_logits(pretrained(tmp_path / "student"), batch), expected)
+    parser = ArgumentParser()
+    parser.add_argument("--teacher", type=torch.nn.Module)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"teacher": {"class_path": "lightning_distill.hf.pretrained",
+                                                  "init_args": {"path": str(tmp_path / "student"), "task": "causal_lm"}}}))
+    teacher = parser.instantiate(parser.parse_path(str(config))).teacher
+    assert type(teacher).__name__ == "GPT2LMHeadModel" and torch.equal(_logits(teacher, batch), expected)
+    with pytest.raises(ValueError, match=r"`task` must be one of \('causal_lm', 'masked_lm'"):
+        pretrained(tmp_path / "student", task="seq2seq")
