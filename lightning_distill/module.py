@@ -53,7 +53,7 @@ OptimizerFactory = Callable[[Iterable], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Union[LRScheduler, ReduceLROnPlateau]]
 
 _INTERVALS = ("epoch", "step")
-_NORMALIZATIONS = ("batch", "tokens")
+LOSS_NORMALIZATIONS = ("batch", "tokens")
 #: this package's entry in a Lightning checkpoint
 CKPT_KEY = "lightning_distill"
 
@@ -132,7 +132,7 @@ class TrainingModule(L.LightningModule):
         super().__init__()
         check_choice("lr_scheduler_interval", lr_scheduler_interval, _INTERVALS)
         check_choice("label_shift", label_shift, LABEL_SHIFTS)
-        check_choice("loss_normalization", loss_normalization, _NORMALIZATIONS)
+        check_choice("loss_normalization", loss_normalization, LOSS_NORMALIZATIONS)
         if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 2):
             raise ValueError(f"`num_classes` must be an integer >= 2 or None, got {num_classes!r}.")
         self.optimizer_factory = optimizer

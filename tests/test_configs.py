@@ -42,13 +42,18 @@ from _configs import ALL_YAML, CONFIG_DIR, REPO, RUNNABLE_CONFIGS, SHARED_FILES,
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_distill.batch import LABEL_SHIFTS
 from lightning_distill.cache import CACHE_STORAGES
 from lightning_distill.callbacks import TemperatureMonitor
 from lightning_distill.callbacks.curriculum import SIGNALS, TRIGGERS
 from lightning_distill.cli import DistillCLI, _fill_config_placeholder
+from lightning_distill.data.tokenized import OBJECTIVES as TOKENIZED_OBJECTIVES
+from lightning_distill.data.tokenized import TOKENIZER_KINDS
 from lightning_distill.data.transfer_sampler import MODES as TRANSFER_MODES
+from lightning_distill.distiller import VOCAB_ALIGNMENTS
 from lightning_distill.features import LAYER_MAPPINGS
 from lightning_distill.losses import KL_MODES
+from lightning_distill.module import LOSS_NORMALIZATIONS
 from lightning_distill.objectives import FEATURE_LOSSES, PROJECTIONS, WEIGHTINGS
 from lightning_distill.objectives.feature import PROJECTORS
 from lightning_distill.temperature import TEMPERATURE_MODES
@@ -68,6 +73,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ProgressiveCurriculum.trigger": tuple(TRIGGERS),
     "ProgressiveCurriculum.signals": tuple(SIGNALS),
     "TransferDataModule.mode": tuple(TRANSFER_MODES),
+    "TokenizedTextDataModule.tokenizer_kind": tuple(TOKENIZER_KINDS),
+    "TokenizedTextDataModule.objective": tuple(TOKENIZED_OBJECTIVES),
+    "label_shift": tuple(LABEL_SHIFTS),
+    "vocab_alignment": tuple(VOCAB_ALIGNMENTS),
+    "loss_normalization": tuple(LOSS_NORMALIZATIONS),
 }
 
 #: runnable configs with their own trainer block -> the keys in which it may differ from the shared one
