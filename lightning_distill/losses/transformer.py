@@ -369,7 +369,7 @@ def hidden_state_dynamics_loss(
     fn = mse_feature_loss if loss == "mse" else cosine_feature_loss
     total = None
     for i in range(k):
-        ds = student[i + 1] - student[i]
+        ds = _acc(student[i + 1]) - _acc(student[i])
         if projections[i] is not None:
             ds = projections[i](ds)
         dt = _acc(teacher[i + 1]) - _acc(teacher[i])

@@ -501,8 +501,8 @@ class MiniLMLoss(TransformerObjective):
     * MiniLMv2 (Wang et al. 2021, arXiv:2012.15828): ``relations=("query", "key", "value")`` with
       ``relation_heads`` :math:`H_r`: the concatenated queries (keys, values) of all heads of each model are
       re-split into :math:`H_r` relation heads of equal size, so the models' head counts and widths may
-      differ (the paper uses 48 relation heads for base-size and 64 for large-size teachers, and a teacher
-      layer near the top rather than the last one for large teachers).
+      differ (the paper also distils an upper-middle teacher layer of large teachers rather than the last:
+      name that layer's projections).
 
     Queries, keys and values are the outputs of named projection layers of each model (``student_qkv``,
     ``teacher_qkv``), captured with forward hooks: a dict ``{"query": ..., "key": ..., "value": ...}`` (only

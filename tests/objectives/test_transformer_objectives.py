@@ -776,3 +776,17 @@ def test_wrong_projection_names_list_the_valid_ones():
         DistillationModule(student, teacher, objectives={"minilm": MiniLMLoss(
             {"query": "distilbert.transformer.layer.0.attention.query"}, BERT_QKV, relations=("query",),
             relation_heads=2)})
+
+
+def test_tinybert_head_mismatch_between_real_models_fails_at_the_probe():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=32, max_position_embeddings=32, pad_token_id=0))
+    student = tiny_distilbert_mlm(dim=8)  # 2 heads
+    module = DistillationModule(student, teacher, objectives={"tinybert": TinyBERTLoss()})
+    batch = next(iter(HFDictDataModule("masked", n=8).train_dataloader()))
+    with pytest.raises(ValueError, match=r"student has 2 attention heads and the teacher 4.*MiniLMLoss\(relations="
+                                         r"\('query', 'key', 'value'\), relation_heads=\.\.\.\).*relation heads"):
+        module.build(module.read_batch(batch))
