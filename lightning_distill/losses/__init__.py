@@ -14,9 +14,11 @@ Conventions shared by every function:
   tokens when logits are ``[N, L, C]`` -- never over classes (``reduction="mean"`` in
   ``F.kl_div`` silently divides by the class count, a classic KD bug).
 
-The functions live in three modules by family -- :mod:`~lightning_distill.losses.divergence` (the KD
+The functions live in four modules by family -- :mod:`~lightning_distill.losses.divergence` (the KD
 term and the task loss), :mod:`~lightning_distill.losses.feature` (one teacher layer against one student
-layer) and :mod:`~lightning_distill.losses.ensembles` (several models) -- and are all importable from here.
+layer), :mod:`~lightning_distill.losses.ensembles` (several models) and
+:mod:`~lightning_distill.losses.transformer` (attention maps, self-attention relations, layer maps and
+hidden-state dynamics of transformers) -- and are all importable from here.
 A method's own formula lives with its objective (e.g. :func:`lightning_distill.objectives.logit.dkd_loss`).
 """
 
@@ -47,10 +49,26 @@ from lightning_distill.losses.feature import (
     rkd_distance_loss,
     similarity_preserving_loss,
 )
+from lightning_distill.losses.transformer import (
+    KD_POSITIONS,
+    LAYER_MAPS,
+    attention_kl_loss,
+    attention_mse_loss,
+    distilbert_loss,
+    hidden_state_dynamics_loss,
+    relation_kl_loss,
+    relation_log_probs,
+    resolve_layer_map,
+    split_heads,
+)
 
 __all__ = [
+    "KD_POSITIONS",
     "KL_MODES",
+    "LAYER_MAPS",
+    "attention_kl_loss",
     "attention_map",
+    "attention_mse_loss",
     "attention_transfer_loss",
     "check_skew",
     "check_temperature",
@@ -58,6 +76,8 @@ __all__ = [
     "confidence_weights",
     "cosine_feature_loss",
     "cross_entropy_loss",
+    "distilbert_loss",
+    "hidden_state_dynamics_loss",
     "info_nce_loss",
     "kd_loss",
     "kl_per_position",
@@ -65,9 +85,13 @@ __all__ = [
     "mse_feature_loss",
     "multi_teacher_kd_loss",
     "mutual_loss",
+    "relation_kl_loss",
+    "relation_log_probs",
+    "resolve_layer_map",
     "rkd_angle_loss",
     "rkd_distance_loss",
     "self_distillation_loss",
     "similarity_preserving_loss",
+    "split_heads",
     "teacher_mixture_log_probs",
 ]

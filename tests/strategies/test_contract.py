@@ -7,7 +7,10 @@ case is fed both ways Lightning is fed: a datamodule, and plain ``DataLoader``s 
 
 A new strategy joins by adding one row to ``STRATEGIES`` (``test_every_strategy_is_covered`` fails until it
 does). Every objective exported by ``lightning_distill.objectives`` joins automatically inside the general
-``DistillationModule`` (built with its defaults; ``OBJECTIVE_ARGS`` holds the few that need arguments).
+``DistillationModule`` (built with its defaults; ``OBJECTIVE_ARGS`` holds the few that need arguments). Objectives
+that read what only transformers produce (hidden states, attention maps, query / key / value projections) say so
+with the class attribute ``requires_transformer``: they run the same contract on a tiny Hugging Face GPT-2 pair
+(``HF_OBJECTIVE_ARGS`` holds their tiny settings) instead of the digits CNNs.
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ from lightning_distill import (
 from lightning_distill import objectives as objectives_module
 from lightning_distill.checkpoint import load_weights
 from lightning_distill.models import DigitsCNN, DigitsStudentCNN
-from lightning_distill.objectives import AuxiliaryHeads, CRDLoss, CrossEntropy, FeatureMatch, MultiTeacherKD, Objective
+from lightning_distill.objectives import (
+    AuxiliaryHeads,
+    CRDLoss,
+    CrossEntropy,
+    DistilBERTLoss,
+    FeatureMatch,
+    MiniLMLoss,
+    MultiTeacherKD,
+    Objective,
+    TinyBERTLoss,
+)
 from lightning_distill.teachers import FrozenTeacher, TeacherEnsemble
 
 
@@ -144,6 +157,17 @@ OBJECTIVE_ARGS = {
 }
 
 
+#: transformer objectives (``requires_transformer``) -> a factory with tiny settings for the GPT-2 pair of
+#: ``_hf_pair`` (student: 1 layer of width 16; teacher: 2 layers of width 24; 2 heads each)
+HF_OBJECTIVE_ARGS = {
+    TinyBERTLoss: lambda: TinyBERTLoss(layer_map="learned"),
+    MiniLMLoss: lambda: MiniLMLoss(
+        "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn", relations=("query", "key", "value"),
+        relation_heads=4, causal=True,
+    ),
+}
+
+
 def _exported_objectives() -> list[type]:
     return [
         obj for name in objectives_module.__all__
@@ -151,16 +175,24 @@ def _exported_objectives() -> list[type]:
     ]
 
 
+def _needs_transformer(cls: type) -> bool:
+    """Whether the objective reads what only transformer models produce (it runs on the Hugging Face pair)."""
+    return bool(getattr(cls, "requires_transformer", False))
+
+
 def _objective_case(cls: type):
     """factory(student, teacher) -> DistillationModule with the objective (a task term next to it when it has none)."""
 
     def build(student: nn.Module, teacher: nn.Module) -> DistillationModule:
-        objective = OBJECTIVE_ARGS[cls]() if cls in OBJECTIVE_ARGS else cls()
+        args = HF_OBJECTIVE_ARGS if _needs_transformer(cls) else OBJECTIVE_ARGS
+        objective = args[cls]() if cls in args else cls()
         named = {objective.name: objective}
-        if cls is not CrossEntropy and not isinstance(objective, AuxiliaryHeads):
+        if cls is not CrossEntropy and not isinstance(objective, (AuxiliaryHeads, DistilBERTLoss)):  # (its own MLM term)
             named = {"task": CrossEntropy(0.5), **named}
         if not objective.needs_teacher:
             source = None  # nothing reads a teacher: the teacher checks do not apply
+        elif _needs_transformer(cls):
+            source = FrozenTeacher(teacher)  # a randomly initialised Hugging Face model (no zoo checkpoint)
         elif cls is MultiTeacherKD:
             second = DigitsCNN(dropout=0.5)
             for member in (teacher, second):
@@ -177,6 +209,8 @@ def _objective_case(cls: type):
 CASES = {cls.__name__: factory for cls, factory in STRATEGIES.items()} | {
     f"DistillationModule[{cls.__name__}]": _objective_case(cls) for cls in _exported_objectives()
 }
+#: the cases of transformer objectives: built from the Hugging Face pair, not the digits CNNs
+HF_CASES = [f"DistillationModule[{cls.__name__}]" for cls in _exported_objectives() if _needs_transformer(cls)]
 
 
 def test_every_objective_is_covered():
@@ -184,8 +218,12 @@ def test_every_objective_is_covered():
     assert {"DKD", "LogitKD", "FeatureMatch", "CRDLoss", "CrossEntropy"} <= {c.__name__ for c in exported}
     for cls in exported:
         assert f"DistillationModule[{cls.__name__}]" in CASES
-        if cls not in OBJECTIVE_ARGS:  # built with its defaults: that must work
+        if cls not in OBJECTIVE_ARGS and cls not in HF_OBJECTIVE_ARGS:  # built with its defaults: that must work
             cls()
+    transformer = {c.__name__ for c in exported if _needs_transformer(c)}
+    assert {"TinyBERTLoss", "MiniLMLoss", "DistilBERTLoss", "HiddenStateDynamics"} <= transformer
+    assert set(HF_CASES) == {f"DistillationModule[{name}]" for name in transformer}
+    assert not {c for c in exported if not _needs_transformer(c)} & set(HF_OBJECTIVE_ARGS)
 
 
 class _Recorder(L.Callback):
@@ -228,7 +266,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.fixture(params=list(CASES))
+@pytest.fixture(params=[c for c in CASES if c not in HF_CASES])  # digits cases; HF_CASES: below
 def case(request) -> str:
     return request.param
 
@@ -384,15 +422,16 @@ def test_crd_with_index_free_batches_fails_before_the_first_step(make_trainer):
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face pair
-@pytest.mark.parametrize("feeding", ["datamodule", "dataloaders"])
-def test_teacher_contract_hugging_face_causal_lm_pair(feeding, make_trainer):
-    """The same contract for transformers models fed Hugging Face dict batches (dropout in the teacher: train mode
-    would change its outputs)."""
-    pytest.importorskip("transformers")
-    from _hf import HFDictDataModule, tiny_gpt2
+def _hf_pair() -> tuple[nn.Module, nn.Module]:
+    """``(student, teacher)``: tiny GPT-2 models (dropout in the teacher: train mode would change its outputs)."""
+    from _hf import tiny_gpt2
 
-    def build():
-        return KnowledgeDistillation(tiny_gpt2(seed=1), tiny_gpt2(n_layer=2, n_embd=24, seed=2), temperature=2.0, alpha=0.5)
+    return tiny_gpt2(seed=1), tiny_gpt2(n_layer=2, n_embd=24, seed=2)
+
+
+def _hf_contract(build, feeding, make_trainer, tmp_path=None):
+    """The contract of a module ``build()`` makes from Hugging Face models, fed Hugging Face dict batches."""
+    from _hf import HFDictDataModule
 
     strategy = build()
     teacher_before, student_before = _state(strategy.teacher), _state(strategy.student)
@@ -410,6 +449,11 @@ def test_teacher_contract_hugging_face_causal_lm_pair(feeding, make_trainer):
     for name, p in strategy.student.named_parameters():
         assert id(p) in recorder.optimizer_param_ids, name
     assert any(not torch.equal(v, strategy.student.state_dict()[k]) for k, v in student_before.items())
+    # the objectives' trained parts (projections, a learned layer map's gate) are optimised too
+    frozen = {id(p) for p in strategy.frozen_parameters()}
+    for name, p in strategy.named_parameters():
+        if not name.startswith("teacher.") and id(p) not in frozen:
+            assert id(p) in recorder.optimizer_param_ids, f"{name} is not optimised"
     ckpt = torch.load(trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path,
                       weights_only=True)
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
@@ -426,3 +470,38 @@ def test_teacher_contract_hugging_face_causal_lm_pair(feeding, make_trainer):
     assert trainer2.global_step == trainer.global_step + 3
     for key, value in teacher_before.items():
         assert torch.equal(resumed.teacher.state_dict()[key], value)
+    return strategy, trainer
+
+
+@pytest.mark.parametrize("feeding", ["datamodule", "dataloaders"])
+def test_teacher_contract_hugging_face_causal_lm_pair(feeding, make_trainer):
+    """The same contract for transformers models fed Hugging Face dict batches (dropout in the teacher: train mode
+    would change its outputs)."""
+    pytest.importorskip("transformers")
+
+    def build():
+        return KnowledgeDistillation(*_hf_pair(), temperature=2.0, alpha=0.5)
+
+    _hf_contract(build, feeding, make_trainer)
+
+
+@pytest.mark.parametrize("feeding", ["datamodule", "dataloaders"])
+@pytest.mark.parametrize("hf_case", HF_CASES)
+def test_teacher_contract_transformer_objectives(hf_case, feeding, make_trainer, tmp_path):
+    """Objectives reading hidden states / attention maps / q-k-v projections, on the Hugging Face pair: the teacher
+    contract, their trained parts optimised and restored, and (datamodule feeding) ``load_from_checkpoint``."""
+    pytest.importorskip("transformers")
+
+    def build():
+        return CASES[hf_case](*_hf_pair())
+
+    strategy, trainer = _hf_contract(build, feeding, make_trainer)
+    if feeding == "datamodule":
+        path = tmp_path / "model.ckpt"
+        trainer.save_checkpoint(path)
+        twin = build()
+        modules = {"student": twin.student, "teacher": twin.teacher_source, "objectives": dict(twin.objectives)}
+        restored = DistillationModule.load_from_checkpoint(path, **modules)
+        for key, value in strategy.state_dict().items():
+            assert torch.equal(restored.state_dict()[key], value), key
+        assert not restored.teacher.training and not any(p.requires_grad for p in restored.teacher.parameters())
