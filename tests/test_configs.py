@@ -53,9 +53,12 @@ from lightning_distill.data.transfer_sampler import MODES as TRANSFER_MODES
 from lightning_distill.distiller import VOCAB_ALIGNMENTS
 from lightning_distill.features import LAYER_MAPPINGS
 from lightning_distill.losses import KL_MODES
+from lightning_distill.losses.transformer import LAYER_MAPS
 from lightning_distill.module import LOSS_NORMALIZATIONS
 from lightning_distill.objectives import FEATURE_LOSSES, PROJECTIONS, WEIGHTINGS
 from lightning_distill.objectives.feature import PROJECTORS
+from lightning_distill.objectives.transformer import MINILM_RELATIONS
+from lightning_distill.objectives.transformer.common import WIDTH_PROJECTIONS
 from lightning_distill.temperature import TEMPERATURE_MODES
 
 pytestmark = pytest.mark.usefixtures("restore_global_state")
@@ -78,6 +81,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "label_shift": tuple(LABEL_SHIFTS),
     "vocab_alignment": tuple(VOCAB_ALIGNMENTS),
     "loss_normalization": tuple(LOSS_NORMALIZATIONS),
+    "MiniLMLoss.relations": tuple(MINILM_RELATIONS),
+    "TinyBERTLoss.layer_map": tuple(LAYER_MAPS),
+    "TinyBERTLoss.projection": tuple(WIDTH_PROJECTIONS),
+    "HiddenStateDynamics.layer_map": tuple(LAYER_MAPS),
+    "HiddenStateDynamics.projection": tuple(WIDTH_PROJECTIONS),
+    "DistilBERTLoss.projection": tuple(WIDTH_PROJECTIONS),
 }
 
 #: runnable configs with their own trainer block -> the keys in which it may differ from the shared one
