@@ -53,7 +53,7 @@ from lightning_distill.data.transfer_sampler import MODES as TRANSFER_MODES
 from lightning_distill.distiller import VOCAB_ALIGNMENTS
 from lightning_distill.features import LAYER_MAPPINGS
 from lightning_distill.losses import KL_MODES
-from lightning_distill.losses.transformer import LAYER_MAPS
+from lightning_distill.losses.transformer import KD_POSITIONS, LAYER_MAPS
 from lightning_distill.module import LOSS_NORMALIZATIONS
 from lightning_distill.objectives import FEATURE_LOSSES, PROJECTIONS, WEIGHTINGS
 from lightning_distill.objectives.feature import PROJECTORS
@@ -87,6 +87,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "HiddenStateDynamics.layer_map": tuple(LAYER_MAPS),
     "HiddenStateDynamics.projection": tuple(WIDTH_PROJECTIONS),
     "DistilBERTLoss.projection": tuple(WIDTH_PROJECTIONS),
+    "kd_positions": tuple(KD_POSITIONS),
 }
 
 #: runnable configs with their own trainer block -> the keys in which it may differ from the shared one
