@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from pathlib import Path
+
+from _wandb import finish_wandb
 
 from lightning_distill.cli import DistillCLI
 
@@ -63,7 +64,6 @@ def test_wandb_offline_run_has_documented_keys_and_full_config(tmp_path, monkeyp
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     monkeypatch.chdir(tmp_path)
-    import wandb
 
     try:
         DistillCLI(
@@ -74,7 +74,7 @@ def test_wandb_offline_run_has_documented_keys_and_full_config(tmp_path, monkeyp
             ]
         )
     finally:
-        wandb.finish()
+        finish_wandb()
     (run_dir,) = (tmp_path / "runs" / "digits" / "wandb").glob("offline-run-*")
     documented = {
         "train/loss", "train/task_loss", "train/kd_loss", "train/temperature", "train/lambda",  # strategy terms
@@ -82,18 +82,7 @@ def test_wandb_offline_run_has_documented_keys_and_full_config(tmp_path, monkeyp
         "val/acc", "val/acc_top5", "val/loss", "val/agreement", "val/kl", "val/ece", "val/teacher_acc",
         "test/acc", "test/teacher_acc", "test/agreement",
     }
-    # the service process writes (and flushes) the run file asynchronously: poll until it is complete
-    deadline = time.monotonic() + 90
-    keys, config = set(), {}
-    while time.monotonic() < deadline:
-        if list(run_dir.glob("*.wandb")):
-            try:
-                keys, config = read_offline_run(run_dir)
-            except Exception:  # noqa: BLE001 - a record still being written: read again
-                keys, config = set(), {}
-            if documented <= keys and "model" in config:
-                break
-        time.sleep(0.5)
+    keys, config = read_offline_run(run_dir)  # complete: finish_wandb waited for the service to exit
     assert documented <= keys, documented - keys
     # the full resolved config, nested as in the YAML, including the modules the hparams leave out
     assert config["model"]["class_path"] == "lightning_distill.CTKD"

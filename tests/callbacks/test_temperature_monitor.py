@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _wandb import finish_wandb
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_distill import CTKD, Classifier, KnowledgeDistillation
@@ -245,7 +246,7 @@ def test_wandb_offline_gets_statistics_and_histogram(digits_dm, make_trainer, tm
     try:
         _fit(_ctkd("instance"), make_trainer, digits_dm, [csv_logger, tb_logger, wandb_logger], batches=3)
     finally:
-        wandb.finish()
+        finish_wandb()  # waits until W&B's service has written the run file
     assert histograms == [64, 64]  # optimizer steps 1 and 3, one value per sample
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert len(runs) == 1
