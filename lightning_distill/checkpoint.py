@@ -7,20 +7,29 @@ RepDistiller-style ``{"model": state_dict, ...}`` file, or a plain state dict; `
 (what ``save_pretrained`` writes: ``model.safetensors``, sharded ``model.safetensors.index.json``, or a legacy
 ``pytorch_model.bin``). Weights such files leave out because they are tied to others (a language model's
 output layer sharing the input embedding) are taken from the weight they are tied to.
+
+Writing: :class:`AtomicCheckpointIO` saves training checkpoints atomically (a temporary file next to the
+target, then a rename), so an interrupted or failed write never replaces the last good checkpoint; the
+``lightning-distill`` CLI installs it by default.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
+import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
-__all__ = ["extract_state_dict", "load_weights", "read_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "extract_state_dict", "load_weights", "read_checkpoint"]
 
 #: Prefixes stripped, in order, from a Lightning checkpoint's ``state_dict``: the network of a
 #: ``Classifier`` run, then the student of a distillation run.
@@ -183,3 +192,61 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
 def _shorten(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` that never leaves a truncated checkpoint behind.
+
+    Lightning's default writer stages the bytes in a temporary file of the system's temporary directory and
+    then moves it into place; when that directory is on another filesystem the move is a copy, and a full
+    disk or a kill during the copy leaves a truncated ``last.ckpt`` where the previous good one was. This
+    writer serialises the checkpoint in memory first, writes it to a hidden temporary file **in the target
+    directory**, flushes it to disk (``fsync``) and renames it over the target with :func:`os.replace`,
+    which is atomic on one filesystem: readers see the old file or the complete new one, never a mix. A
+    failed write removes its temporary file, leaves the previous checkpoint untouched and raises an
+    ``OSError`` naming the path. Remote paths (``s3://`` ...) use Lightning's writer.
+
+    The ``lightning-distill`` CLI installs it unless the trainer already has a custom ``CheckpointIO``; in
+    Python, pass it as a plugin.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_distill.checkpoint import AtomicCheckpointIO
+        >>> trainer = L.Trainer(plugins=[AtomicCheckpointIO()], logger=False, enable_progress_bar=False)
+        >>> type(trainer.strategy.checkpoint_io).__name__
+        'AtomicCheckpointIO'
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialisation errors surface before the disk is touched
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            if not isinstance(err, OSError):
+                raise
+            kept = "the previous checkpoint there is untouched" if target.exists() else "nothing was written there"
+            raise OSError(
+                err.errno,
+                f"could not write the checkpoint {str(target)!r} ({err.strerror or err}); {kept}. Free disk space "
+                "or point the checkpoint directory elsewhere, then resume from the last good checkpoint.",
+            ) from err
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            directory = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)

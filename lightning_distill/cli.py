@@ -48,6 +48,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightning_distill.checkpoint import AtomicCheckpointIO
 
 __all__ = ["CONFIG_PLACEHOLDER", "DistillCLI", "LogConfigCallback", "main"]
 
@@ -143,7 +146,10 @@ class DistillCLI(LightningCLI):
             else:
                 base = [configured]
             kwargs["logger"] = base + extra
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer: make it atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     @staticmethod
     def _extra_loggers(config: Any) -> list[Logger]:

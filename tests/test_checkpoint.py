@@ -8,6 +8,7 @@ teacher), and ``python -m lightning_distill.zoo export``.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -22,7 +23,7 @@ from _state import IsolatedState
 from torch import Tensor, nn
 
 from lightning_distill import Classifier, KnowledgeDistillation
-from lightning_distill.checkpoint import extract_state_dict, load_weights, read_checkpoint
+from lightning_distill.checkpoint import AtomicCheckpointIO, extract_state_dict, load_weights, read_checkpoint
 from lightning_distill.cli import DistillCLI
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP
@@ -458,3 +459,89 @@ def test_load_weights_does_not_alias_file_tensors(tmp_path):
         a.head.weight.add_(1.0)
     assert torch.equal(b.head.weight, source.head.weight)
     assert not torch.equal(a.head.weight, b.head.weight)
+
+
+# ------------------------------------------------------------------- atomic checkpoint writes
+class _FullDisk:
+    """A file object whose disk fills after ``room`` bytes: the write stops part-way with ``ENOSPC``."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.handle.write(data[: self.room])
+        self.handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def _fill_disk_after(monkeypatch, room: int) -> None:
+    import lightning_distill.checkpoint as checkpoint_module
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(checkpoint_module.os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k), room))
+
+
+def test_atomic_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    good = {"state_dict": {"w": torch.arange(6.0)}, "epoch": 3}
+    io_.save_checkpoint(good, path)
+    before = path.read_bytes()
+    _fill_disk_after(monkeypatch, room=100)
+    with pytest.raises(OSError, match=r"could not write the checkpoint '.*last\.ckpt' \(No space left on device\); "
+                                      r"the previous checkpoint there is untouched") as info:
+        io_.save_checkpoint({"state_dict": {"w": torch.zeros(10_000)}, "epoch": 4}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before  # byte for byte the good one
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_atomic_checkpoint_first_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    _fill_disk_after(monkeypatch, room=10)
+    with pytest.raises(OSError, match="nothing was written there"):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 0}, tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_survives_a_full_disk_with_its_last_good_checkpoint(tmp_path, monkeypatch):
+    """A real fit writes last.ckpt through the plugin; when the disk fills during a later save the fit fails
+    with the plugin's message and the earlier last.ckpt still resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, ckpt_path=None):
+        L.seed_everything(0)
+        module = Classifier(DigitsMLP(hidden=8))
+        trainer = L.Trainer(
+            max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)],
+        )
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(1)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    good, epochs_done = last.read_bytes(), torch.load(last, weights_only=True)["epoch"]
+    _fill_disk_after(monkeypatch, room=1000)
+    with pytest.raises(OSError, match="the previous checkpoint there is untouched"):
+        fit(2, ckpt_path=last)
+    monkeypatch.undo()
+    assert last.read_bytes() == good
+    assert torch.load(last, weights_only=True)["epoch"] == epochs_done  # still loads, from the first fit
+    assert fit(2, ckpt_path=last).current_epoch == 2  # the kept checkpoint resumes
+
+
+def test_cli_installs_the_atomic_writer(tmp_path):
+    cli = DistillCLI(args=["--config", str(TEACHER_CONFIG), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
