@@ -15,11 +15,13 @@ target, then a rename), so an interrupted or failed write never replaces the las
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,11 +31,45 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
-__all__ = ["AtomicCheckpointIO", "extract_state_dict", "load_weights", "read_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "MissingCheckpointError", "extract_state_dict", "load_weights", "read_checkpoint"]
 
 #: Prefixes stripped, in order, from a Lightning checkpoint's ``state_dict``: the network of a
 #: ``Classifier`` run, then the student of a distillation run.
 _MODULE_PREFIXES = ("model.", "student.")
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A checkpoint argument naming a file that does not exist (yet), typically the output of a run that has not
+    been made: ``argument`` is the argument that named it, ``path`` the value as given.
+
+    ``lightning-distill`` turns it into a one-line error naming the command that trains the missing
+    checkpoint (see :mod:`lightning_distill.cli`).
+    """
+
+    def __init__(self, message: str, argument: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.path = path
+
+    @classmethod
+    def for_path(cls, argument: str, path: Any, resolved: Any) -> "MissingCheckpointError":
+        return cls(f"`{argument}`={str(path)!r}: no such file ({resolved}).", argument, str(path))
+
+    @classmethod
+    def in_text(cls, text: str) -> Optional["MissingCheckpointError"]:
+        """The error whose message ``text`` quotes, if any: argument parsers that try several types for one
+        value (jsonargparse's unions) keep only the messages of the errors of all but the first type."""
+        match = _MISSING_MESSAGE.search(text)
+        if match is None:
+            return None
+        try:
+            path = ast.literal_eval(match.group(2))
+        except (ValueError, SyntaxError):
+            return None
+        return cls.for_path(match.group(1), path, match.group(3))
+
+
+_MISSING_MESSAGE = re.compile(r"`([^`\s]+)`=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"): no such file \((.*?)\)\.")
 
 
 def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_checkpoint") -> dict:
@@ -49,7 +85,7 @@ def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_chec
     elif Path(resolved).suffix == ".safetensors" and Path(resolved).is_file():
         return _read_safetensors([Path(resolved)], path, argument)
     if not Path(resolved).is_file():
-        raise FileNotFoundError(f"`{argument}`={str(path)!r}: no such file ({resolved}).")
+        raise MissingCheckpointError.for_path(argument, path, resolved)
     try:
         obj = torch.load(resolved, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -107,8 +143,10 @@ def _read_safetensors(files: list[Path], path: Any, argument: str) -> dict[str, 
         except FileNotFoundError:
             raise FileNotFoundError(f"`{argument}`={str(path)!r}: missing weight file {file}.") from None
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"`{argument}`={str(path)!r}: {file.name} is not a readable safetensors file "
-                             f"({type(err).__name__}: {err}).") from None
+            raise ValueError(
+                f"`{argument}`={str(path)!r}: {file.name} is not a readable safetensors file "
+                f"({type(err).__name__}: {err})."
+            ) from None
     return state
 
 
@@ -186,7 +224,9 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
         module.load_state_dict(state, strict=True)
     except Exception as err:
         module.load_state_dict(backup, strict=True)
-        raise ValueError(f"`{argument}`={str(path)!r} could not be loaded into {type(module).__name__}: {err}") from None
+        raise ValueError(
+            f"`{argument}`={str(path)!r} could not be loaded into {type(module).__name__}: {err}"
+        ) from None
 
 
 def _shorten(items: list[str], limit: int = 12) -> str:

@@ -35,6 +35,12 @@ import tempfile
 import warnings
 from functools import partial
 
+# quiet the "few dataloader workers" and similar warnings; set before importing lightning, whose imports load
+# tqdm.auto, which warns once in a notebook without ipywidgets ("IProgress not found": no bars are drawn here)
+warnings.filterwarnings(
+    "ignore", message=r".*(does not have many workers|GPU available|LeafSpec|smaller than the logging interval|IProgress).*"
+)
+
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
@@ -42,12 +48,9 @@ import torch
 # FAST=1: tiny fits (1 epoch, 3 batches) so the test suite can run this notebook in seconds
 FAST = os.environ.get("LD_NOTEBOOK_FAST") == "1"
 
-# quiet Lightning's informational messages and the "few dataloader workers" warnings
+# quiet Lightning's informational messages
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-warnings.filterwarnings(
-    "ignore", message=r".*(does not have many workers|GPU available|LeafSpec|smaller than the logging interval|IProgress).*"
-)
 
 WORKDIR = tempfile.mkdtemp(prefix="ld_notebook_")  # logs go here, never into the repository
 print("FAST mode:", FAST, "| logs under", WORKDIR)

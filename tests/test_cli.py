@@ -29,7 +29,8 @@ from _wandb import finish_wandb
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
-from lightning_distill.cli import DistillCLI, format_test_summary
+from lightning_distill.checkpoint import MissingCheckpointError
+from lightning_distill.cli import DistillCLI, format_test_summary, missing_checkpoint_message
 from lightning_distill.data import DigitsDataModule
 from lightning_distill.models import DigitsCNN, DigitsMLP
 from lightning_distill.zoo import resolve
@@ -213,8 +214,11 @@ def test_quickstart_end_to_end(tmp_path):
     # the printed summary is the logged test metrics
     assert float(test_rows[0]["test/acc"]) * 100 == pytest.approx(student_acc, abs=0.006)
     assert float(test_rows[0]["test/teacher_acc"]) * 100 == pytest.approx(teacher_acc, abs=0.006)
-    best = re.search(r"^Student at its best validation epoch \(epoch (\d+), val/acc ([\d.]+)%\): ([\d.]+)% test accuracy$",
-                     proc.stdout, re.M)
+    best = re.search(
+        r"^Student at its best validation epoch \(epoch (\d+), val/acc ([\d.]+)%\): ([\d.]+)% test accuracy$",
+        proc.stdout,
+        re.M,
+    )
     assert best, proc.stdout[-2000:]
     assert float(test_rows[1]["test/acc"]) * 100 == pytest.approx(float(best.group(3)), abs=0.006)
     assert (log_dir / "checkpoints" / f"best-epoch={best.group(1)}.ckpt").is_file()
@@ -428,14 +432,214 @@ def test_format_test_summary():
         "  teacher (DigitsCNN, 24.1k params)  99.16%",
     ]
 
+    # a teacher that was not tested gets no row (not an "n/a" one)
     text = format_test_summary(model, {"test/acc": 1.0})
     lines = text.splitlines()
     assert lines[0] == "Test accuracy on the test set (weights after the last training step):"
     assert lines[1].endswith("  100.00%") and lines[1].lstrip().startswith("student (DigitsMLP")
-    assert lines[2].endswith("  n/a") and lines[2].lstrip().startswith("teacher (DigitsCNN")
+    assert len(lines) == 2
 
     # a zero accuracy is a number, not "missing"; a Classifier-like module has one "model" row
     text = format_test_summary(SimpleNamespace(model=DigitsMLP(hidden=2)), {"test/acc": 0.0})
     assert text.splitlines()[1:] == ["  model (DigitsMLP, 160 params)  0.00%"]
     text = format_test_summary(SimpleNamespace(model=DigitsMLP()), {})
     assert text.splitlines()[1] == "  model (DigitsMLP, 1.2k params)  n/a"
+
+
+# ------------------------------------------------------------------ summaries of other module kinds
+def _fit_stdout(tmp_path: Path, config: Path, *args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _cli(tmp_path, "fit", *args, config=config)
+    return out.getvalue()
+
+
+def test_born_again_summary_shows_generations_not_an_untested_teacher(tmp_path):
+    """BornAgain's teacher is its previous generation, which is not tested: the summary names the generation
+    of the tested student and the ensemble of all generations instead of a teacher row reading "n/a"."""
+    out = _fit_stdout(
+        tmp_path,
+        CONFIG_DIR / "digits" / "born_again.yaml",
+        *("--trainer.max_epochs", "2", "--model.init_args.generations", "2"),
+        *("--model.init_args.epochs_per_generation", "1", "--model.init_args.lr_scheduler.init_args.T_max", "1"),
+    )
+    assert "n/a" not in out and "teacher (" not in out, out
+    assert re.search(r"^  student, generation 2 \(DigitsMLP, 1\.2k params\)\s+\d+\.\d{2}%$", out, re.M), out
+    assert re.search(r"^  ensemble of the 2 generations \(2 x DigitsMLP, 2\.4k params\)\s+\d+\.\d{2}%$", out, re.M), out
+    assert re.search(
+        r"^Student at its best validation epoch \(epoch [01], generation [12], val/acc [\d.]+%\): [\d.]+% test accuracy$",
+        out,
+        re.M,
+    ), out
+
+
+def test_classifier_summary_calls_it_the_model_throughout(tmp_path):
+    out = _fit_stdout(tmp_path, CONFIG_DIR / "digits" / "baseline.yaml", "--trainer.max_epochs", "1")
+    assert re.search(r"^  model \(DigitsMLP, 1\.2k params\)\s+\d+\.\d{2}%$", out, re.M), out
+    assert re.search(
+        r"^Model at its best validation epoch \(epoch 0, val/acc [\d.]+%\): [\d.]+% test accuracy$", out, re.M
+    )
+    assert "student" not in out.lower() and "teacher" not in out.lower(), out
+
+
+# ------------------------------------------------------------------ a first run prints no warnings
+_WARNING_LINE = re.compile(r"warn|deprecat|💡|\.py:\d+: ", re.I)
+
+
+@pytest.mark.parametrize("wandb", [False, True], ids=["csv", "wandb"])
+def test_quickstart_fit_prints_no_warnings(tmp_path, wandb):
+    """Every line a plain `fit` of the quickstart config prints is about the run: no Lightning deprecation,
+    logging-interval or advertising lines, and with `--wandb true` (offline) no W&B warnings either."""
+    env = _subprocess_env()
+    env.pop("WANDB_SILENT")  # what a user sees
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(tmp_path / "wandb_home" / var.lower())
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_distill",
+        "fit",
+        "--config",
+        str(KD_CONFIG),
+        "--trainer.max_epochs",
+        "1",
+    ]
+    if wandb:
+        command += ["--wandb", "true"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Test accuracy on 359 held-out test samples" in proc.stdout
+    noise = [line for line in (proc.stderr + proc.stdout).splitlines() if _WARNING_LINE.search(line)]
+    assert not noise, "\n".join(noise)
+    if wandb:
+        assert list((tmp_path / "runs" / "digits" / "wandb").glob("offline-run-*"))
+
+
+# ------------------------------------------------------- a run that ends before its first validation
+def test_fit_stopped_before_the_first_validation_does_not_warn(tmp_path, recwarn):
+    """The monitored checkpoint ranks when validation ends (`save_on_train_epoch_end: false` in every
+    shared trainer block): a run stopped before its first validation saves no best checkpoint, silently."""
+    for block in sorted(CONFIG_DIR.glob("*/shared/trainer.yaml")) + [CONFIG_DIR / "digits" / "teacher.yaml"]:
+        spec = yaml.safe_load(block.read_text())
+        callbacks = spec.get("callbacks") or spec["trainer"]["callbacks"]
+        monitored = [c["init_args"] for c in callbacks if c["init_args"].get("monitor")]
+        assert monitored and all(c.get("save_on_train_epoch_end") is False for c in monitored), block
+
+    cli = _cli(tmp_path, "fit", "--trainer.max_steps", "1", "--test_after_fit", "false")  # 1 of 2 batches
+    assert cli.trainer.global_step == 1
+    assert "val/acc" not in cli.trainer.callback_metrics  # no validation ran
+    checkpoints = tmp_path / "runs" / "digits" / "kd" / "version_0" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and not list(checkpoints.glob("best-*"))
+    monitored = [str(w.message) for w in recwarn if "could not find the monitored key" in str(w.message)]
+    assert not monitored, monitored
+
+
+# ------------------------------------------------------------ validate / test next to their run
+EVALUATION_DIRS = ("validate", "test", "predict")  # where evaluations of a run log, inside it
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluation_logs_next_to_its_run_without_warnings(kd_fit, tmp_path, subcommand, recwarn, capsys):
+    """`validate` / `test --ckpt_path RUN/checkpoints/last.ckpt` write their metrics into RUN/<subcommand>/,
+    say so, open no new run directory and do not warn that the checkpoint directory changed."""
+    run = tmp_path / "runs" / "digits" / "kd" / "version_0"
+    shutil.copytree(
+        kd_fit.root / "runs" / "digits" / "kd" / "version_0", run, ignore=shutil.ignore_patterns(*EVALUATION_DIRS)
+    )
+    ckpt = Path("runs/digits/kd/version_0/checkpoints/last.ckpt")  # relative, as the fit printed it
+    cli = _cli(tmp_path, subcommand, "--ckpt_path", str(ckpt))
+    stage = {"validate": "val", "test": "test"}[subcommand]
+    assert f"{stage}/acc" in cli.trainer.callback_metrics
+
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    logged = run / subcommand / "version_0"
+    assert (logged / "metrics.csv").is_file() and (logged / "config.yaml").is_file()
+    with open(logged / "metrics.csv", newline="") as f:
+        assert f"{stage}/acc" in next(csv.DictReader(f))
+    out = capsys.readouterr().out
+    assert (
+        f"Logged this {subcommand} run to {logged.relative_to(tmp_path)} (config.yaml, hparams.yaml, metrics.csv)"
+        in out
+    )
+    changed = [str(w.message) for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert not changed, changed
+
+
+# ------------------------------------------------------------- a teacher that was not trained yet
+@pytest.mark.parametrize(
+    "config, argument, missing, teacher_config",
+    [
+        (
+            "text/kd.yaml",
+            "teacher_checkpoint",
+            "runs/text/teacher/version_0/checkpoints/last.ckpt",
+            "text/teacher.yaml",
+        ),
+        ("hf/minilm.yaml", "checkpoint", "runs/hf/teacher/version_0/checkpoints/last.ckpt", "hf/teacher.yaml"),
+    ],
+)
+def test_missing_teacher_fails_in_one_line_naming_the_command_that_trains_it(
+    tmp_path, config, argument, missing, teacher_config
+):
+    if config.startswith("hf/"):
+        pytest.importorskip("transformers")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_distill", "fit", "--config", str(CONFIG_DIR / config)],
+        cwd=tmp_path,  # a fresh directory: no runs/ yet
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_subprocess_env(),
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line and not line.startswith("Seed set to")]
+    # named from here: the teacher config next to the student config
+    expected = (
+        f"error: {argument} '{missing}' does not exist: train it first with  "
+        f"lightning-distill fit --config {CONFIG_DIR / teacher_config}"
+    )
+    assert lines == [expected], proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def _configured_checkpoints(spec: dict) -> list[tuple[str, str]]:
+    """``(argument, path)`` of every checkpoint a config reads that another run must write (not ``zoo:``)."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if (
+                    key in ("teacher_checkpoint", "checkpoint")
+                    and isinstance(item, str)
+                    and not item.startswith("zoo:")
+                ):
+                    found.append((key, item))
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(spec["model"])
+    return found
+
+
+NEEDS_A_TRAINED_TEACHER = [c for c in CONFIGS if _configured_checkpoints(resolved_spec(c))]
+
+
+@pytest.mark.parametrize(
+    "config", NEEDS_A_TRAINED_TEACHER, ids=[str(p.relative_to(CONFIG_DIR)) for p in NEEDS_A_TRAINED_TEACHER]
+)
+def test_configs_that_need_a_trained_teacher_name_its_command(config, monkeypatch):
+    """A config that reads a checkpoint written by another config's run names that run's command in its
+    header comment, so that the error for a missing checkpoint can name it (from the repository root)."""
+    monkeypatch.chdir(REPO)
+    for argument, path in _configured_checkpoints(resolved_spec(config)):
+        err = MissingCheckpointError.for_path(argument, path, path)
+        message = missing_checkpoint_message(err, [str(config.relative_to(REPO))])
+        match = re.fullmatch(rf"{argument} '{re.escape(path)}' does not exist: train it first with  (.+)", message)
+        assert match, message
+        command = match.group(1).split()
+        assert command[:3] == ["lightning-distill", "fit", "--config"], command
+        trains = Path(command[3])
+        assert trains.is_file() and trains.stem in Path(path).parts, (trains, path)
