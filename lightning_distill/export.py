@@ -6,16 +6,19 @@
 
 rebuilds the module from the config that trained it (the run's own ``config.yaml``, saved next to its
 ``checkpoints/``, works too), loads the checkpoint and writes the **student alone** -- the ``student`` of a
-distillation module, the ``model`` of a :class:`~lightning_distill.Classifier`; never the teacher, whose
-weights are not even read (``teacher_checkpoint`` is ignored). Formats:
+distillation module, the ``model`` of a :class:`~lightning_distill.Classifier`; never the teacher. The teacher's
+weights are not even read (the config's ``teacher_checkpoint`` is set to null: a teacher file that has moved does
+not stop an export). Formats:
 
 ``safetensors``
     the student's ``state_dict`` (``FILE.safetensors``, keys as ``Student().state_dict()``), loadable with
     ``load_student(path, Student(...))``, ``teacher_checkpoint: FILE.safetensors`` or a ``zoo:NAME``. Tied weights
     are stored once.
 ``onnx``
-    an ONNX graph through torch's ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``, which
-    needs ``onnxscript``); weights inside the file.
+    an ONNX graph (default opset of the exporter, weights inside the file: students under ONNX's 2 GB limit) through
+    torch's ``torch.export``-based exporter, ``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``.
+    It is the default since torch 2.9; the TorchScript exporter (``dynamo=False``) still runs on torch 2.14 but
+    warns that it will be removed, and it has no ``dynamic_shapes``.
 ``torch_export``
     a ``torch.export`` program (``FILE.pt2``): ``torch.export.load(path).module()(*inputs)``.
 ``hf``
@@ -53,7 +56,9 @@ a checkpoint that does not fit the config's student, ``--out`` an existing direc
 missing optional package -- are reported before anything is written.
 
 ``onnx`` needs the ``[export]`` extra (``onnx``, ``onnxruntime``, ``onnxscript``, ``safetensors``;
-``pip install -e ".[export]"``); ``hf`` needs ``[hf]``.
+``pip install -e ".[export]"``), ``safetensors`` the ``safetensors`` package (in ``[export]``; ``[hf]`` brings it
+too), ``hf`` the ``[hf]`` extra; ``torch_export`` needs nothing beyond torch. They are imported when used, with an
+``ImportError`` naming the extra when missing.
 
 Example (the quickstart's student, after ``lightning-distill fit --config configs/digits/kd.yaml``)::
 
@@ -61,17 +66,23 @@ Example (the quickstart's student, after ``lightning-distill fit --config config
         --ckpt_path runs/digits/kd/version_0/checkpoints/last.ckpt --format onnx --out student.onnx
     # exported student (DigitsMLP, 1.2k params) -> student.onnx; onnxruntime vs PyTorch on 64 test samples: ...
 
-The same from Python:
+The same from Python (``inputs``: a batch of real inputs to trace and check on)::
 
+    >>> import os, tempfile
     >>> import torch
     >>> from lightning_distill import KnowledgeDistillation
     >>> from lightning_distill.export import export_student, load_student
     >>> from lightning_distill.models import DigitsCNN, DigitsMLP
     >>> module = KnowledgeDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn")
-    >>> result = export_student(module, "safetensors", "student.safetensors", torch.rand(8, 1, 8, 8))  # doctest: +SKIP
-    >>> print(result)  # doctest: +SKIP
-    exported student (DigitsMLP, 1.2k params) -> student.safetensors; reloaded into a fresh DigitsMLP vs PyTorch ...
-    >>> student = load_student("student.safetensors", DigitsMLP())  # doctest: +SKIP
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> out = os.path.join(tmp.name, "student.safetensors")
+    >>> result = export_student(module, "safetensors", out, torch.rand(8, 1, 8, 8))
+    >>> result.max_diff, str(result).startswith("exported student (DigitsMLP, 1.2k params) -> ")
+    (0.0, True)
+    >>> student = load_student(out, DigitsMLP())  # the architecture, then the file's weights
+    >>> torch.equal(student.head.weight, module.student.head.weight)
+    True
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -124,6 +135,7 @@ _NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 _METADATA_PREFIX = "lightning_distill."
+_PROBE_SPEC = "probe-spec"  # ``where`` of inputs made from the checkpoint's probe spec (zeros)
 
 
 class ExportCheckError(RuntimeError):
@@ -198,7 +210,7 @@ def _plain_copy(network: nn.Module) -> nn.Module:
                 owner = getattr(getattr(hook, "func", None), "__self__", None)
                 if isinstance(owner, FeatureCapture):
                     del hooks[key]
-    return plain.eval()
+    return plain.cpu().eval()
 
 
 def _count(network: nn.Module) -> str:
@@ -514,6 +526,21 @@ def _export_program(wrapper: nn.Module, trace: tuple[Tensor, ...]) -> Any:
         return torch.export.export(wrapper, trace, dynamic_shapes=(dims,))
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from ``save_pretrained`` / ``from_pretrained`` between the command's lines."""
+    logging = require("transformers").utils.logging
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+
+
 def _auto_class(model: nn.Module) -> Any:
     """The ``transformers`` auto class that rebuilds ``model``'s class from its config."""
     from lightning_distill.hf import PRETRAINED_TASKS
@@ -562,7 +589,11 @@ def _as_batch(inputs: Any) -> Batch:
 
 def _describe_samples(tensors: Sequence[Tensor], where: str) -> str:
     n = int(tensors[0].shape[0])
-    text = f"{n} {where} sample{'s' if n != 1 else ''}"
+    plural = "s" if n != 1 else ""
+    if where == _PROBE_SPEC:
+        text = f"{n} all-zero sample{plural} of the checkpoint's input spec"
+    else:
+        text = f"{n} {where} sample{plural}"
     length = next((int(t.shape[1]) for t in tensors if _token_like(t)), None)
     return text + (f" of {length} tokens" if length is not None else "")
 
@@ -625,8 +656,9 @@ def export_student(
     batch = _as_batch(inputs)
     names, tensors, keywords = _inputs_of(network, batch, routing)
     tensors = tuple(t.detach().cpu() for t in tensors)
-    with _eval_mode(network):
-        reference = LogitsModule(network, names, keywords)(*tensors).float()
+    device = next((t.device for t in network.parameters()), torch.device("cpu"))
+    with _eval_mode(network):  # the student as it is, on its device; the export is made on the CPU
+        reference = LogitsModule(network, names, keywords)(*(t.to(device) for t in tensors)).float().cpu()
     wrapper = LogitsModule(plain, names, keywords).eval()
     trace = _trace_inputs(tensors)
     dims = _dims(tensors)
@@ -660,10 +692,9 @@ def export_student(
             else:
                 from lightning_distill.hf import save_pretrained
 
-                save_pretrained(plain, tmp, tokenizer=tokenizer)
                 auto = _auto_class(plain)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _quiet_transformers():
+                    save_pretrained(plain, tmp, tokenizer=tokenizer)
                     reloaded = auto.from_pretrained(str(tmp)).eval()
                 output = LogitsModule(reloaded, names, keywords)(*tensors)
                 runtime = f"{auto.__name__}.from_pretrained"
@@ -704,7 +735,7 @@ def _fallback_inputs(module: nn.Module) -> tuple[Any, str]:
     if spec is not None:
         from lightning_distill.probe import batch_from_spec
 
-        return batch_from_spec(spec["batch"]), "probe-spec (zeros)"
+        return batch_from_spec(spec["batch"]), _PROBE_SPEC
     raise ValueError(
         "no inputs to trace and check the export on: pass `inputs` (a batch of real inputs), or set the module's "
         "example_input_array."
