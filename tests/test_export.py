@@ -323,6 +323,11 @@ def test_hf_causal_lm_round_trips_as_logits_with_dynamic_batch_and_sequence(fmt,
         assert (path / "config.json").is_file() and AutoTokenizer.from_pretrained(path).get_vocab() == (
             dm.tokenizer.get_vocab()
         )
+        # exporting again replaces the earlier directory as a whole (nothing of the old one, no temporary left)
+        (path / "stale.txt").write_text("from the earlier export")
+        export_student(module, fmt, path, batch, where="test")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["student_hf"] and not (path / "stale.txt").exists()
+        assert (path / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("fmt", FILE_FORMATS)
