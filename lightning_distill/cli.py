@@ -506,13 +506,19 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``lightning-distill`` and ``python -m lightning_distill``.
 
     ``lightning-distill compare ...`` runs the multi-seed experiment runner
-    (:mod:`lightning_distill.experiments`); every other subcommand is LightningCLI's.
+    (:mod:`lightning_distill.experiments`), ``lightning-distill export ...`` writes the student out
+    (:mod:`lightning_distill.export`); every other subcommand is LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["compare"]:
         from lightning_distill.experiments import main as compare_main
 
         compare_main(argv[1:])
+        return
+    if argv[:1] == ["export"]:
+        from lightning_distill.export import main as export_main
+
+        export_main(argv[1:])
         return
     DistillCLI(args=args)
 

@@ -38,18 +38,30 @@ __all__ = ["MODEL_OUTPUTS", "PRETRAINED_TASKS", "pretrained", "request_outputs",
 #: model outputs beyond the logits that objectives may read (``Objective.model_outputs``)
 MODEL_OUTPUTS = ("hidden_states", "attentions")
 
-_EXTRA = {"transformers": "hf", "tokenizers": "hf", "safetensors": "hf"}
+#: optional packages -> the extra of ``pyproject.toml`` that installs them (what :func:`require` names)
+_EXTRA = {
+    "transformers": "hf",
+    "tokenizers": "hf",
+    "safetensors": "hf",
+    "onnx": "export",
+    "onnxruntime": "export",
+    "onnxscript": "export",
+}
 
 
-def require(package: str) -> ModuleType:
-    """Import an optional dependency, or raise an ``ImportError`` that names the extra installing it."""
+def require(package: str, extra: Optional[str] = None) -> ModuleType:
+    """Import an optional dependency, or raise an ``ImportError`` that names the extra installing it.
+
+    ``extra`` names the extra in the message when a package belongs to several (``safetensors`` is in ``[hf]``
+    and ``[export]``); by default it is looked up by the package's top-level name.
+    """
     try:
         return importlib.import_module(package)
     except ImportError as err:
-        extra = _EXTRA.get(package.split(".")[0], "hf")
+        extra = extra or _EXTRA.get(package.split(".")[0], "hf")
         raise ImportError(
             f"this feature needs the optional package `{package.split('.')[0]}`: install lightning-distill with the "
-            f"`[{extra}]` extra, e.g. pip install -e \".[{extra}]\" in a clone (it is part of \".[dev]\")."
+            f'`[{extra}]` extra, e.g. pip install -e ".[{extra}]" in a clone (it is part of ".[dev]").'
         ) from err
 
 

@@ -1,7 +1,9 @@
 """Small pretrained teachers shipped inside the package.
 
 ``teacher_checkpoint: zoo:digits_cnn`` (in YAML or Python) resolves to the state dict file
-``lightning_distill/zoo/digits_cnn.pt``, wherever the package is installed.
+``lightning_distill/zoo/digits_cnn.pt``, wherever the package is installed; a ``NAME.safetensors`` file
+(what ``lightning-distill export --format safetensors`` writes) is found the same way when there is no
+``NAME.pt``.
 
 =============  ==========================================  ==============================
 name           architecture                                reproduce with
@@ -28,21 +30,27 @@ ZOO_DIR = Path(__file__).resolve().parent
 _SCHEME = "zoo:"
 
 
+#: suffixes of zoo files, in the order ``zoo:NAME`` looks for them
+SUFFIXES = (".pt", ".safetensors")
+
+
 def available() -> list[str]:
-    """Names of the shipped weight files."""
-    return sorted(p.stem for p in ZOO_DIR.glob("*.pt"))
+    """Names of the shipped weight files (``.pt`` state dicts and ``.safetensors`` files)."""
+    return sorted({p.stem for suffix in SUFFIXES for p in ZOO_DIR.glob(f"*{suffix}")})
 
 
 def resolve(path: Union[str, os.PathLike]) -> Path:
-    """Turn ``zoo:NAME`` into the shipped file's path; other paths are returned unchanged."""
+    """Turn ``zoo:NAME`` into the shipped file's path (``NAME.pt``, else ``NAME.safetensors``); other paths are
+    returned unchanged."""
     text = str(path)
     if not text.startswith(_SCHEME):
         return Path(path)
     name = text[len(_SCHEME) :]
-    candidate = ZOO_DIR / f"{name}.pt"
-    if not candidate.is_file():
-        raise ValueError(f"{text!r} is not in the zoo; available: {available()}.")
-    return candidate
+    for suffix in SUFFIXES:
+        candidate = ZOO_DIR / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"{text!r} is not in the zoo; available: {available()}.")
 
 
 def export(checkpoint: Union[str, os.PathLike], output: Union[str, os.PathLike]) -> Path:
