@@ -50,7 +50,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_distill.checkpoint import AtomicCheckpointIO
+from lightning_distill.checkpoint import AtomicCheckpointIO, check_ckpt_path
 
 __all__ = ["CONFIG_PLACEHOLDER", "DistillCLI", "LogConfigCallback", "main"]
 
@@ -88,6 +88,12 @@ class DistillCLI(LightningCLI):
         # modules configure their own optimizers (so a teacher can never end up in one)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path here to merge its hyperparameters into the config: first refuse, naming the
+        # file, a truncated / unsafe checkpoint or one another module class wrote (lightning_distill.checkpoint)
+        check_ckpt_path(self.config)
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--wandb", type=bool, default=False, help="Also log to Weights & Biases (works with WANDB_MODE=offline).")
