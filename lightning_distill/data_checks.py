@@ -28,13 +28,13 @@ Example::
     >>> x = torch.zeros(4, 3)
     >>> check_inputs(Batch(x), "training batch 0")        # clean: returns None
     >>> x[2, 1] = float("nan")
-    >>> check_inputs(Batch(x), "training batch 0")
+    >>> check_inputs(Batch(x), "training batch 0")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    lightning_distill.data_checks.BadDataError: training batch 0: the input `input` holds 1 NaN and 0 Inf value(s) ...
+    lightning_distill.data_checks.BadDataError: training batch 0: the input `input` holds 1 NaN and 0 Inf value(s)...
     >>> invalid_labels(torch.tensor([0, 9, 10, -100, -1]), num_classes=10).tolist()
     [False, False, True, False, True]
-    >>> check_targets(Batch(x, torch.tensor([0, 1, 10, 3])), "training batch 0", num_classes=10)
+    >>> check_targets(Batch(x, torch.tensor([0, 1, 10, 3])), "training batch 0", num_classes=10)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     lightning_distill.data_checks.BadDataError: training batch 0: label 10 of sample 2 is out of range ...
@@ -154,7 +154,7 @@ def check_inputs(
         >>> import torch
         >>> from lightning_distill.batch import Batch
         >>> check_inputs(Batch({"x": torch.ones(2, 3, dtype=torch.float64)}), "validation batch 0",
-        ...              model_dtype=torch.float32)
+        ...              model_dtype=torch.float32)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         lightning_distill.data_checks.BadDataError: validation batch 0: the input `input['x']` is torch.float64 ...
@@ -215,7 +215,7 @@ def check_targets(
         >>> import torch
         >>> from lightning_distill.batch import Batch
         >>> b = Batch(torch.zeros(2, 4), torch.tensor([[1, -100, 3, 2], [0, 1, 2, -7]]))
-        >>> check_targets(b, "training batch 3", num_classes=4)
+        >>> check_targets(b, "training batch 3", num_classes=4)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         lightning_distill.data_checks.BadDataError: training batch 3: token target -7 of sample 1, token 3 is ...

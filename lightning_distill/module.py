@@ -173,7 +173,7 @@ class TrainingModule(L.LightningModule):
         #: the shift in use: ``label_shift`` itself, or what ``"auto"`` decided (``None``: not yet decided)
         self.resolved_label_shift: Optional[str] = None if label_shift == "auto" else label_shift
         self.loss_normalization = loss_normalization
-        self.check_batches = check_int("check_batches", check_batches, minimum=0, hint=" (0 turns the checks off)")
+        self.check_batches = check_int("check_batches", check_batches, minimum=0, hint=" Use 0 to turn the checks off.")
         self.check_finite_loss = check_bool("check_finite_loss", check_finite_loss)
         # batches still to check, per stage (set in setup; a plain int test per batch once they reach 0)
         self._train_checks = self._val_checks = self._test_checks = 0
@@ -531,10 +531,11 @@ class TrainingModule(L.LightningModule):
         on accelerators the step's ``isfinite`` joins a flag on the device, read every ``log_every_n_steps``."""
         if not self.check_finite_loss or not isinstance(loss, Tensor):
             return
-        if loss.device.type == "cpu":
-            if loss.numel() == 1 and not math.isfinite(float(loss)):
-                self._raise_nonfinite_loss(float(loss))
-            elif loss.numel() != 1 and not bool(torch.isfinite(loss).all()):
+        if loss.device.type == "cpu":  # reading a CPU tensor costs no sync
+            value = loss.detach()
+            if value.numel() == 1 and not math.isfinite(float(value)):
+                self._raise_nonfinite_loss(float(value))
+            elif value.numel() != 1 and not bool(torch.isfinite(value).all()):
                 self._raise_nonfinite_loss(float("nan"))
             self.__dict__["_step_terms"] = None
             return
