@@ -274,13 +274,14 @@ def nonfinite_loss_message(
     step: int,
     epoch: int,
     terms: Optional[Mapping[str, Any]] = None,
-    last_checked_step: Optional[int] = None,
+    first_step: Optional[int] = None,
 ) -> str:
     """The message of :class:`NonFiniteLossError`: the step, the loss, each term (objective) with its value --
     the non-finite ones first -- and the usual causes.
 
-    ``last_checked_step``: on accelerators the loss is checked every few steps (no device sync on the others),
-    so the first non-finite loss lies after that step; ``None`` when this very step was checked.
+    ``first_step``: on accelerators the loss is checked every few steps (no device sync on the others), so the
+    first non-finite loss lies somewhere in ``[first_step, step]``; ``None`` when this very step was checked
+    before its optimizer update.
 
     Example::
 
@@ -297,9 +298,10 @@ def nonfinite_loss_message(
             continue
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     good = {k: v for k, v in values.items() if math.isfinite(v)}
-    when = f"at global step {step} (epoch {epoch})"
-    if last_checked_step is not None:
-        when = f"{when}, first after step {last_checked_step} (the last step checked)"
+    if first_step is None or first_step >= step:
+        when = f"at global step {step} (epoch {epoch})"
+    else:
+        when = f"at a global step from {first_step} to {step} (epoch {epoch}; the steps between two checks)"
     text = f"the training loss is {loss} {when}"
     if bad:
         names = ", ".join(f"{k!r} is {v}" for k, v in bad.items())
@@ -312,7 +314,7 @@ def nonfinite_loss_message(
     kept = (
         "Training stopped before this step's optimizer update, so the weights and every checkpoint written so far "
         "are from before it."
-        if last_checked_step is None
+        if first_step is None
         else "Training stopped, and no checkpoint is written from these weights: the checkpoints written so far are "
         "from before it."
     )

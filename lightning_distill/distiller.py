@@ -45,7 +45,7 @@ from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.probe import Probe
 from lightning_distill.teachers import CachedTeacher, TeacherSource, as_source, frozen_parameters
 from lightning_distill.temperature import Temperature
-from lightning_distill.validation import check_alpha, check_choice, check_probability
+from lightning_distill.validation import check_alpha, check_choice, check_float
 
 __all__ = ["DistillationModule", "check_alpha"]
 
@@ -134,8 +134,8 @@ class DistillationModule(TrainingModule):
                 "freshly augmented input, which no cache holds. Remove teacher_cache (or function_matching)."
             )
         if pseudo_labels is not None:
-            pseudo_labels = check_probability(
-                "pseudo_labels", pseudo_labels,
+            pseudo_labels = check_float(
+                "pseudo_labels", pseudo_labels, 0.0, 1.0, what="in [0, 1]",
                 hint=" It is a confidence threshold, not a weight: an unlabelled sample gets the teacher's top-1 class "
                 "as its label when the teacher's probability of that class is at least this value (e.g. 0.9 labels "
                 "the samples the teacher is 90% sure of); null keeps unlabelled samples label-free.",

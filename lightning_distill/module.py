@@ -531,7 +531,7 @@ class TrainingModule(L.LightningModule):
         on accelerators the step's ``isfinite`` joins a flag on the device, read every ``log_every_n_steps``."""
         if not self.check_finite_loss or not isinstance(loss, Tensor):
             return
-        if loss.device.type == "cpu":  # reading a CPU tensor costs no sync
+        if self._loss_reads_without_sync(loss):
             value = loss.detach()
             if value.numel() == 1 and not math.isfinite(float(value)):
                 self._raise_nonfinite_loss(float(value))
@@ -543,29 +543,36 @@ class TrainingModule(L.LightningModule):
         pending = self.__dict__.get("_finite_pending")
         self.__dict__["_finite_pending"] = finite if pending is None else pending.logical_and(finite)
         if self.should_log_step():
-            self.check_finite_pending()
+            self.check_finite_pending(through=self.trainer.global_step)
         self.__dict__["_step_terms"] = None
 
-    def check_finite_pending(self) -> None:
+    @staticmethod
+    def _loss_reads_without_sync(loss: Tensor) -> bool:
+        """Whether reading the loss on the host is free (a CPU tensor) rather than a device sync."""
+        return loss.device.type == "cpu"
+
+    def check_finite_pending(self, through: Optional[int] = None) -> None:
         """Read the device flag of the steps since the last check (a device sync) and raise if one of their losses
-        was non-finite. Called on logged steps, at epoch / training end and before a checkpoint is written."""
+        was non-finite. Called on logged steps (``through``: this step), at epoch / training end and before a
+        checkpoint is written (then every finished step: ``global_step - 1``)."""
         pending = self.__dict__.get("_finite_pending")
         trainer = self.attached_trainer
         if pending is None or trainer is None:
             return
         self.__dict__["_finite_pending"] = None
-        last = self._finite_checked_step
-        self._finite_checked_step = trainer.global_step
+        first = self._finite_checked_step + 1
+        self._finite_checked_step = through = trainer.global_step - 1 if through is None else through
         if not bool(pending):
-            self._raise_nonfinite_loss(float("nan"), last_checked_step=last)
+            self._raise_nonfinite_loss(float("nan"), step=through, first_step=first)
 
-    def _raise_nonfinite_loss(self, value: float, last_checked_step: Optional[int] = None) -> None:
+    def _raise_nonfinite_loss(self, value: float, step: Optional[int] = None, first_step: Optional[int] = None) -> None:
         trainer = self.attached_trainer
-        step = trainer.global_step if trainer is not None else 0
+        if step is None:
+            step = trainer.global_step if trainer is not None else 0
         epoch = trainer.current_epoch if trainer is not None else 0
         terms = self.__dict__.get("_step_terms") or {}
         self.__dict__["_finite_pending"] = None
-        raise NonFiniteLossError(nonfinite_loss_message(value, step, epoch, terms, last_checked_step))
+        raise NonFiniteLossError(nonfinite_loss_message(value, step, epoch, terms, first_step))
 
     def on_train_epoch_end(self) -> None:
         self.check_finite_pending()

@@ -101,6 +101,37 @@ def test_nan_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
 
 
+def test_deferred_check_refuses_the_checkpoint_after_a_nan_step(tmp_path, monkeypatch):
+    """The accelerator path, run on the CPU: no host read per step, the flag is read on logged steps and before
+    every checkpoint save -- the save after the NaN step is refused, and last.ckpt stays the one before it."""
+    monkeypatch.setattr(DistillationModule, "_loss_reads_without_sync", staticmethod(lambda loss: False))
+    torch.manual_seed(0)
+    module = DistillationModule(DigitsMLP(), objectives={"task": CrossEntropy(), "poison": _NaNAfter(3)})
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer = _trainer(tmp_path, limit_train_batches=10, callbacks=[ckpt], num_sanity_val_steps=0,
+                       log_every_n_steps=5)
+    with pytest.raises(NonFiniteLossError, match=r"^the training loss is nan at global step 3 \(epoch 0\)\. Training "
+                                                 r"stopped, and no checkpoint is written from these weights"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, shuffle_seed=0))
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+
+
+def test_deferred_check_reads_the_flag_on_logged_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(DistillationModule, "_loss_reads_without_sync", staticmethod(lambda loss: False))
+    torch.manual_seed(0)
+    module = DistillationModule(DigitsMLP(), objectives={"task": CrossEntropy(), "poison": _NaNAfter(2)})
+    trainer = _trainer(tmp_path, limit_train_batches=10, enable_checkpointing=False, num_sanity_val_steps=0,
+                       log_every_n_steps=5)
+    with pytest.raises(NonFiniteLossError, match=r"^the training loss is nan at a global step from 1 to 4 \(epoch 0; "
+                                                 r"the steps between two checks\): objectives 'task' is nan, 'poison' "
+                                                 r"is nan"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, shuffle_seed=0))
+    assert trainer.global_step == 4  # step 4 is the first logged step after the NaN (log_every_n_steps=5)
+
+
 def test_a_nan_teacher_without_the_load_check_is_stopped_by_the_guard(tmp_path):
     """A teacher whose weights went NaN after loading (or that was passed without teacher_checkpoint): the KD
     term turns NaN at step 0 and is named."""
@@ -122,8 +153,8 @@ def test_no_checkpoint_is_written_after_an_unread_non_finite_loss(tmp_path):
     trainer = _trainer(tmp_path, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     module._finite_pending = torch.tensor(False)  # what a device-side flag holds after a NaN step
-    with pytest.raises(NonFiniteLossError, match=r"first after step -1 \(the last step checked\).*no checkpoint is "
-                                                 r"written from these weights"):
+    with pytest.raises(NonFiniteLossError, match=r"at a global step from 0 to 1 \(epoch 1; the steps between two "
+                                                 r"checks\).*no checkpoint is written from these weights"):
         trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert not (tmp_path / "after.ckpt").exists()
     trainer.save_checkpoint(tmp_path / "fine.ckpt")  # the flag was consumed: a later save goes through
@@ -334,5 +365,5 @@ def test_pseudo_labels_out_of_range_is_explained_as_a_threshold(value):
     with pytest.raises(ValueError) as info:
         KnowledgeDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn", pseudo_labels=value)
     message = str(info.value)
-    assert message.startswith(f"`pseudo_labels` must be a finite number in [0, 1], got {value!r}.")
+    assert message.startswith(f"`pseudo_labels` must be in [0, 1], got {value!r}.")
     assert "confidence threshold, not a weight" in message and "weight of the distillation term" not in message
