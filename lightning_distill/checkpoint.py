@@ -391,14 +391,16 @@ def _state_fits(checkpoint: dict, module: nn.Module) -> bool:
 
 
 def check_checkpoint_class(
-    checkpoint: dict, expected: Union[str, nn.Module], path: Any = None, argument: str = "ckpt_path"
+    checkpoint: dict, expected: Union[str, nn.Module], path: Any = None, argument: str = "ckpt_path",
+    fits: Optional[bool] = None,
 ) -> None:
     """Refuse a checkpoint written by another module class (a strategy resumed with another strategy's config).
 
     ``expected`` is the class path the CLI config builds (compared by class name), or the module that is about to
     load the checkpoint: then a checkpoint of another class still loads when its weights fit the module (the
     general :class:`~lightning_distill.DistillationModule` built with a preset's objectives reads that preset's
-    checkpoint), and is refused only when they do not.
+    checkpoint), and is refused only when they do not (``fits``: whether they do, when the caller knows; else
+    compared key by key and shape by shape).
 
     Raises:
         ValueError: naming the file, the class that wrote it, the class expected and the fix.
@@ -409,7 +411,9 @@ def check_checkpoint_class(
     if isinstance(expected, nn.Module):
         own_path = f"{type(expected).__module__}.{type(expected).__qualname__}"
         builds = "this module is"
-        if _short_name(written) == type(expected).__name__ or _state_fits(checkpoint, expected):
+        if _short_name(written) == type(expected).__name__:
+            return
+        if fits if fits is not None else _state_fits(checkpoint, expected):
             return
     else:
         own_path, builds = str(expected), "the config builds"

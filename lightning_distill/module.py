@@ -719,10 +719,14 @@ class TrainingModule(L.LightningModule):
 
         trainer = self.attached_trainer
         path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
-        check_checkpoint_class(checkpoint, self, path, "ckpt_path")
         spec = checkpoint.get(CKPT_KEY, {}).get("probe")
-        if spec is not None and not self.probed:
-            self.run_probe(batch_from_spec(spec["batch"]), "load", spec.get("num_samples"))
+        try:
+            if spec is not None and not self.probed:
+                self.run_probe(batch_from_spec(spec["batch"]), "load", spec.get("num_samples"))
+        except Exception:
+            check_checkpoint_class(checkpoint, self, path, "ckpt_path", fits=False)  # another class: say so
+            raise
+        check_checkpoint_class(checkpoint, self, path, "ckpt_path")  # once the probe has built every part
 
     # ------------------------------------------------------------------ evaluation
     def eval_logits(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:

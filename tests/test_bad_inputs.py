@@ -367,3 +367,22 @@ def test_pseudo_labels_out_of_range_is_explained_as_a_threshold(value):
     message = str(info.value)
     assert message.startswith(f"`pseudo_labels` must be in [0, 1], got {value!r}.")
     assert "confidence threshold, not a weight" in message and "weight of the distillation term" not in message
+
+
+def test_another_class_resumes_a_checkpoint_whose_weights_fit(tmp_path):
+    """The general DistillationModule built with a preset's objectives resumes that preset's run, parts built by the
+    probe included: a different class alone is no reason to refuse."""
+    def build() -> FeatureDistillation:
+        torch.manual_seed(0)
+        return FeatureDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:digits_cnn",
+                                   layer_map={"block3": "block1"}, feature_loss="mse")
+
+    trained = build()
+    trainer = _trainer(tmp_path, num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(trained, datamodule=DigitsDataModule(batch_size=32))
+    trainer.save_checkpoint(tmp_path / "fd.ckpt")
+    twin = build()
+    general = DistillationModule(twin.student, twin.teacher_source, objectives=dict(twin.objectives))
+    trainer = _trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(general, datamodule=DigitsDataModule(batch_size=32), ckpt_path=tmp_path / "fd.ckpt")
+    assert trainer.global_step == 4
