@@ -404,6 +404,15 @@ def check_checkpoint_class(
 
     Raises:
         ValueError: naming the file, the class that wrote it, the class expected and the fix.
+
+    Example::
+
+        >>> written = {"hyper_parameters": {"_class_path": "lightning_distill.FeatureDistillation"}}
+        >>> check_checkpoint_class(written, "lightning_distill.FeatureDistillation")   # the same class: fine
+        >>> check_checkpoint_class(written, "lightning_distill.KnowledgeDistillation", "last.ckpt", "--ckpt_path")
+        Traceback (most recent call last):
+        ...
+        ValueError: `--ckpt_path`='last.ckpt' was written by FeatureDistillation (lightning_distill.FeatureDistillation), but the config builds KnowledgeDistillation (lightning_distill.KnowledgeDistillation): ...
     """
     written = checkpoint_class(checkpoint)
     if written is None:
@@ -462,6 +471,19 @@ def check_ckpt_path(config: Any) -> None:
     another module class than the config's ``model.class_path`` (:func:`check_checkpoint_class`).
 
     ``config``: the CLI's parsed config (a ``jsonargparse.Namespace``; with a subcommand, its entry is read).
+
+    Example::
+
+        >>> from jsonargparse import Namespace
+        >>> check_ckpt_path(Namespace(subcommand="fit", fit=Namespace(ckpt_path=None)))  # nothing to resume: fine
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "cut.ckpt")
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(b"PK\x03\x04 a zip archive cut short")
+        >>> check_ckpt_path(Namespace(subcommand="fit", fit=Namespace(ckpt_path=path)))
+        Traceback (most recent call last):
+        ...
+        ValueError: `--ckpt_path`='...cut.ckpt' is not a complete checkpoint: torch cannot read it (...
     """
     subcommand = config.get("subcommand") if hasattr(config, "get") else None
     section = config.get(subcommand) if subcommand else config

@@ -543,7 +543,7 @@ class TrainingModule(L.LightningModule):
         pending = self.__dict__.get("_finite_pending")
         self.__dict__["_finite_pending"] = finite if pending is None else pending.logical_and(finite)
         if self.should_log_step():
-            self.check_finite_pending(through=self.trainer.global_step)
+            self._check_finite_pending(through=self.trainer.global_step)
         self.__dict__["_step_terms"] = None
 
     @staticmethod
@@ -551,7 +551,7 @@ class TrainingModule(L.LightningModule):
         """Whether reading the loss on the host is free (a CPU tensor) rather than a device sync."""
         return loss.device.type == "cpu"
 
-    def check_finite_pending(self, through: Optional[int] = None) -> None:
+    def _check_finite_pending(self, through: Optional[int] = None) -> None:
         """Read the device flag of the steps since the last check (a device sync) and raise if one of their losses
         was non-finite. Called on logged steps (``through``: this step), at epoch / training end and before a
         checkpoint is written (then every finished step: ``global_step - 1``)."""
@@ -575,10 +575,10 @@ class TrainingModule(L.LightningModule):
         raise NonFiniteLossError(nonfinite_loss_message(value, step, epoch, terms, first_step))
 
     def on_train_epoch_end(self) -> None:
-        self.check_finite_pending()
+        self._check_finite_pending()
 
     def on_train_end(self) -> None:
-        self.check_finite_pending()
+        self._check_finite_pending()
 
     @contextmanager
     def _probing(self) -> Iterator[None]:
@@ -707,7 +707,7 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to save weights after a non-finite loss (``check_finite_loss``: a checkpoint is never written
         from them); record the probe spec and the module's class (named when another class resumes it)."""
-        self.check_finite_pending()
+        self._check_finite_pending()
         entry = checkpoint.setdefault(CKPT_KEY, {})
         entry["probe"] = self._probe_spec
         entry["module"] = f"{type(self).__module__}.{type(self).__qualname__}"
