@@ -10,7 +10,13 @@ output layer sharing the input embedding) are taken from the weight they are tie
 
 Writing: :class:`AtomicCheckpointIO` saves training checkpoints atomically (a temporary file next to the
 target, then a rename), so an interrupted or failed write never replaces the last good checkpoint; the
-``lightning-distill`` CLI installs it by default.
+``lightning-distill`` CLI installs it by default. Reading a checkpoint to resume (``ckpt_path``), it turns a
+truncated or corrupt file, or one that would need code execution to unpickle, into a ``ValueError`` that names
+the file and the fix; :func:`check_ckpt_path` does the same for the CLI's ``--ckpt_path`` (which LightningCLI
+reads first, to merge its hyperparameters into the config) and refuses a checkpoint written by another module
+class than the config builds (:func:`check_checkpoint_class`).
+
+Teacher weights holding NaN / Inf are refused when they are loaded (:func:`load_weights`), naming the tensors.
 """
 
 from __future__ import annotations
@@ -31,7 +37,16 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
-__all__ = ["AtomicCheckpointIO", "MissingCheckpointError", "extract_state_dict", "load_weights", "read_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "MissingCheckpointError",
+    "check_checkpoint_class",
+    "check_ckpt_path",
+    "checkpoint_class",
+    "extract_state_dict",
+    "load_weights",
+    "read_checkpoint",
+]
 
 #: Prefixes stripped, in order, from a Lightning checkpoint's ``state_dict``: the network of a
 #: ``Classifier`` run, then the student of a distillation run.
@@ -88,20 +103,19 @@ def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_chec
         raise MissingCheckpointError.for_path(argument, path, resolved)
     try:
         obj = torch.load(resolved, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "weights only load failed" in str(err).lower():
+    except (pickle.UnpicklingError, OSError, EOFError, RuntimeError, IndexError, ValueError, KeyError,
+            UnicodeDecodeError) as err:
+        unsafe, detail = _load_failure(err)
+        if unsafe:
             raise ValueError(
                 f"`{argument}`={str(path)!r} cannot be loaded safely: it contains Python objects that would "
                 "need code execution to unpickle, and lightning_distill only loads checkpoints with "
                 "`torch.load(..., weights_only=True)`. Save plain tensors instead, e.g. "
-                "`torch.save(model.state_dict(), path)`. Details: " + first
+                "`torch.save(model.state_dict(), path)`. Details: " + detail
             ) from None
-        raise ValueError(f"`{argument}`={str(path)!r} is not a readable torch.save file ({first}).") from None
-    except (OSError, EOFError, RuntimeError, IndexError, ValueError) as err:
         raise ValueError(
-            f"`{argument}`={str(path)!r} is not a readable torch.save file (truncated, empty or another "
-            f"format): {type(err).__name__}: {err}"
+            f"`{argument}`={str(path)!r} is not a readable torch.save file (truncated, corrupt, empty or another "
+            f"format): {detail}"
         ) from None
     if not isinstance(obj, dict):
         raise ValueError(
@@ -109,6 +123,35 @@ def read_checkpoint(path: Union[str, os.PathLike], argument: str = "teacher_chec
             "Lightning checkpoint (a dict with a 'state_dict' entry)."
         )
     return obj
+
+
+#: what torch's weights-only unpickler says about a file that needs code execution (a class or function it
+#: may not call), as opposed to bytes that are not a pickle at all ("Unsupported operand", a truncated stream)
+_UNSAFE_PATTERNS = (
+    r"GLOBAL (\S+) was not an allowed global",
+    r"unsupported GLOBAL (\S+) whose module",
+    r"Can only (?:create new object|build)",
+    r"Trying to call reduce for unrecognized function",
+    r"(\S+) must be (?:imported|\S+) to load",
+)
+
+
+def _load_failure(err: BaseException) -> tuple[bool, str]:
+    """``(needs code execution, one-line detail)`` of a failed ``torch.load(..., weights_only=True)``."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        for pattern in _UNSAFE_PATTERNS:
+            match = re.search(pattern, text)
+            if match:
+                what = match.group(1) if match.groups() else None
+                return True, (f"it refers to {what}" if what else match.group(0))
+        # not a code-needing pickle: the bytes are not a (complete) pickle at all; keep torch's own reason
+        reason = next((line.strip() for line in reversed(text.splitlines())
+                       if line.strip() and not line.startswith(("Check the documentation", "Weights only load"))
+                       and "file an issue" not in line), "")
+        return False, f"UnpicklingError: {reason or 'not a pickle'}"
+    first = text.splitlines()[0] if text else ""
+    return False, f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _weights_in_directory(directory: Path, path: Any, argument: str) -> Union[dict, Path]:
@@ -191,7 +234,8 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
 
     Raises:
         ValueError: keys missing from the file, unexpected keys, or shape mismatches -- all of
-            them listed -- or a file that would need code execution to load.
+            them listed --, NaN / Inf in any of its tensors (named), or a file that would need code execution
+            to load. The module is untouched then.
     """
     state = _fill_tied(module, extract_state_dict(read_checkpoint(path, argument)))
     own = module.state_dict()
@@ -217,6 +261,21 @@ def load_weights(module: nn.Module, path: Union[str, os.PathLike], argument: str
             f"`{argument}`={str(path)!r} does not match the architecture of {type(module).__name__}: "
             + "; ".join(parts)
             + ". Check that the model's class and init_args are the ones the checkpoint was trained with."
+        )
+    nonfinite = []
+    for key, value in state.items():
+        if key in own and isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                n_nan = int(torch.isnan(value).sum())
+                n_inf = value.numel() - int(finite.sum()) - n_nan
+                nonfinite.append(f"{key} ({n_nan} NaN, {n_inf} Inf of {value.numel()} values)")
+    if nonfinite:
+        raise ValueError(
+            f"`{argument}`={str(path)!r} holds non-finite values (NaN / Inf) in {len(nonfinite)} tensor(s): "
+            f"{_shorten(nonfinite)}. A {type(module).__name__} with these weights outputs NaN, and training against "
+            "it turns the student's weights NaN. The run that wrote the file diverged: use an earlier checkpoint of "
+            "it, or retrain it (with a lower learning rate or gradient clipping)."
         )
     # everything was validated above; restore the old weights if torch still refuses (dtype, ...)
     backup = {k: v.detach().clone() for k, v in own.items()}
@@ -246,6 +305,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     failed write removes its temporary file, leaves the previous checkpoint untouched and raises an
     ``OSError`` naming the path. Remote paths (``s3://`` ...) use Lightning's writer.
 
+    Reading (``trainer.fit(..., ckpt_path=...)``): a file that is truncated (a copy cut short, a disk that filled
+    while another writer saved), corrupt, not a checkpoint at all, or that needs code execution to unpickle
+    (refused by ``torch.load(..., weights_only=True)``) raises a ``ValueError`` naming the file and the fix,
+    instead of torch's low-level error.
+
     The ``lightning-distill`` CLI installs it unless the trainer already has a custom ``CheckpointIO``; in
     Python, pass it as a plugin.
 
@@ -257,6 +321,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         >>> type(trainer.strategy.checkpoint_io).__name__
         'AtomicCheckpointIO'
     """
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+                        ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"weights_only": weights_only}
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        try:
+            return super().load_checkpoint(path, **kwargs)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - every way torch.load fails on the file's bytes
+            if not _is_local_file_protocol(path):
+                raise
+            raise _resume_error(path, err, "ckpt_path") from None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -290,3 +368,172 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(directory)
             finally:
                 os.close(directory)
+
+
+# ------------------------------------------------------------------------------------------ resuming
+def _resume_error(path: Any, err: BaseException, argument: str) -> ValueError:
+    """The ``ValueError`` for a resume checkpoint that ``torch.load(..., weights_only=True)`` cannot read."""
+    unsafe, detail = _load_failure(err)
+    if unsafe:
+        return ValueError(
+            f"`{argument}`={str(path)!r} was refused: it contains Python objects that would need code execution to "
+            f"unpickle ({detail}), and checkpoints are read with torch.load(..., weights_only=True). Checkpoints "
+            "written by Lightning for this package's modules never need it: resume from one of those. Do not load "
+            "this file unless you trust its source."
+        )
+    return ValueError(
+        f"`{argument}`={str(path)!r} is not a complete checkpoint: torch cannot read it ({detail}). It is truncated "
+        "(a copy cut short, a disk that filled during the save of a writer without atomic saves), corrupt, or not a "
+        "checkpoint at all. Resume from another checkpoint of the run (its checkpoints directory keeps the last and "
+        "the best ones), or start without a checkpoint."
+    )
+
+
+def _short_name(class_path: str) -> str:
+    return class_path.rsplit(".", 1)[-1]
+
+
+def checkpoint_class(checkpoint: dict) -> Optional[str]:
+    """The class path of the module that wrote a Lightning checkpoint, or ``None`` when it does not tell:
+    this package's modules record it (``checkpoint["lightning_distill"]["module"]``); the ``lightning-distill``
+    CLI (LightningCLI) stores the configured ``class_path`` in ``hyper_parameters["_class_path"]``.
+
+    Example::
+
+        >>> checkpoint_class({"hyper_parameters": {"_class_path": "lightning_distill.FeatureDistillation"}})
+        'lightning_distill.FeatureDistillation'
+        >>> checkpoint_class({"state_dict": {}}) is None
+        True
+    """
+    entry = checkpoint.get("lightning_distill")
+    if isinstance(entry, dict) and isinstance(entry.get("module"), str):
+        return entry["module"]
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and isinstance(hparams.get("_class_path"), str):
+        return hparams["_class_path"]
+    return None
+
+
+def _state_fits(checkpoint: dict, module: nn.Module) -> bool:
+    """Whether the checkpoint's ``state_dict`` has the module's keys and shapes (teacher networks a checkpoint
+    leaves out and a ``function_matching`` generator state are re-attached on load, so they may be absent)."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        return True
+    own = module.state_dict()
+    source = getattr(module, "teacher_source", None)
+    optional = tuple(f"{name}." for name in (source.modules() if source is not None else {})) + ("function_matching.",)
+    missing = [k for k in own if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and isinstance(state[k], Tensor) and isinstance(own[k], Tensor)
+                  and state[k].shape != own[k].shape]
+    return not (missing or unexpected or mismatched)
+
+
+def check_checkpoint_class(
+    checkpoint: dict, expected: Union[str, nn.Module], path: Any = None, argument: str = "ckpt_path",
+    fits: Optional[bool] = None,
+) -> None:
+    """Refuse a checkpoint written by another module class (a strategy resumed with another strategy's config).
+
+    ``expected`` is the class path the CLI config builds (compared by class name), or the module that is about to
+    load the checkpoint: then a checkpoint of another class still loads when its weights fit the module (the
+    general :class:`~lightning_distill.DistillationModule` built with a preset's objectives reads that preset's
+    checkpoint), and is refused only when they do not (``fits``: whether they do, when the caller knows; else
+    compared key by key and shape by shape).
+
+    Raises:
+        ValueError: naming the file, the class that wrote it, the class expected and the fix.
+
+    Example::
+
+        >>> written = {"hyper_parameters": {"_class_path": "lightning_distill.FeatureDistillation"}}
+        >>> check_checkpoint_class(written, "lightning_distill.FeatureDistillation")   # the same class: fine
+        >>> check_checkpoint_class(written, "lightning_distill.KnowledgeDistillation", "last.ckpt", "--ckpt_path")
+        Traceback (most recent call last):
+        ...
+        ValueError: `--ckpt_path`='last.ckpt' was written by FeatureDistillation (lightning_distill.FeatureDistillation), but the config builds KnowledgeDistillation (lightning_distill.KnowledgeDistillation): ...
+    """
+    written = checkpoint_class(checkpoint)
+    if written is None:
+        return
+    if isinstance(expected, nn.Module):
+        own_path = f"{type(expected).__module__}.{type(expected).__qualname__}"
+        builds = "this module is"
+        if _short_name(written) == type(expected).__name__:
+            return
+        if fits if fits is not None else _state_fits(checkpoint, expected):
+            return
+    else:
+        own_path, builds = str(expected), "the config builds"
+        if _short_name(written) == _short_name(own_path):
+            return
+    where = f"`{argument}`={str(path)!r}" if path is not None else "the checkpoint"
+    config = Path(str(path)).resolve().parent.parent / "config.yaml" if path is not None else None
+    hint = f" (the run saved it as {config})" if config is not None and config.is_file() else ""
+    raise ValueError(
+        f"{where} was written by {_short_name(written)} ({written}), but {builds} {_short_name(own_path)} "
+        f"({own_path}): the checkpoint holds the weights, optimizer state and hyperparameters of a "
+        f"{_short_name(written)} run, which a {_short_name(own_path)} cannot continue. Resume with the config that "
+        f"wrote it{hint}, or start a new run without {argument}."
+    )
+
+
+def _read_resume_checkpoint(path: Path, argument: str) -> dict:
+    """``torch.load(..., weights_only=True)`` of a checkpoint to resume, memory-mapped where the format allows it
+    (only the metadata is read then), with the errors of :class:`AtomicCheckpointIO`."""
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - every way torch.load fails on the file's bytes
+        raise _resume_error(path, err, argument) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"`{argument}`={str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict "
+            "written by Trainer.save_checkpoint / ModelCheckpoint)."
+        )
+    return checkpoint
+
+
+def check_ckpt_path(config: Any) -> None:
+    """What the ``lightning-distill`` CLI runs before LightningCLI reads ``--ckpt_path``.
+
+    LightningCLI loads the checkpoint while parsing, to merge the hyperparameters it holds into the config --
+    including the module's ``class_path``, so a checkpoint of another strategy would silently switch the class
+    and fail later with an unrelated shape error. This reads the file first (only its metadata: memory-mapped),
+    with a clear error for a truncated, corrupt or code-needing file, and refuses a checkpoint written by
+    another module class than the config's ``model.class_path`` (:func:`check_checkpoint_class`).
+
+    ``config``: the CLI's parsed config (a ``jsonargparse.Namespace``; with a subcommand, its entry is read).
+
+    Example::
+
+        >>> from jsonargparse import Namespace
+        >>> check_ckpt_path(Namespace(subcommand="fit", fit=Namespace(ckpt_path=None)))  # nothing to resume: fine
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "cut.ckpt")
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(b"PK\x03\x04 a zip archive cut short")
+        >>> check_ckpt_path(Namespace(subcommand="fit", fit=Namespace(ckpt_path=path)))
+        Traceback (most recent call last):
+        ...
+        ValueError: `--ckpt_path`='...cut.ckpt' is not a complete checkpoint: torch cannot read it (...
+    """
+    subcommand = config.get("subcommand") if hasattr(config, "get") else None
+    section = config.get(subcommand) if subcommand else config
+    if section is None or not hasattr(section, "get"):
+        return
+    ckpt_path = section.get("ckpt_path")
+    if not ckpt_path or not Path(str(ckpt_path)).is_file():
+        return  # "last" / "best" / "hpc" or a missing file: Lightning's own handling and message
+    checkpoint = _read_resume_checkpoint(Path(str(ckpt_path)), "--ckpt_path")
+    model = section.get("model")
+    class_path = model.get("class_path") if hasattr(model, "get") else None
+    if isinstance(class_path, str):
+        check_checkpoint_class(checkpoint, class_path, ckpt_path, "--ckpt_path")

@@ -70,6 +70,7 @@ class Classifier(TrainingModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         b = self.read_batch(batch)
         loss = self.task_loss(self.logits(b), b.target)
+        self.__dict__["_step_terms"] = {"task": loss}  # named if the loss turns non-finite (check_finite_loss)
         n = self.batch_size_of(b)
         self.log("train/task_loss", loss.detach(), on_step=True, on_epoch=False, batch_size=n)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)

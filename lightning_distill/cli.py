@@ -58,7 +58,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from lightning_distill.checkpoint import AtomicCheckpointIO, MissingCheckpointError
+from lightning_distill.checkpoint import AtomicCheckpointIO, MissingCheckpointError, check_ckpt_path
 
 __all__ = ["CONFIG_PLACEHOLDER", "DistillCLI", "LogConfigCallback", "main"]
 
@@ -112,6 +112,12 @@ class DistillCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         _silence_lightning_noise()
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path here to merge its hyperparameters into the config: first refuse, naming the
+        # file, a truncated / unsafe checkpoint or one another module class wrote (lightning_distill.checkpoint)
+        check_ckpt_path(self.config)
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(

@@ -45,7 +45,7 @@ from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.probe import Probe
 from lightning_distill.teachers import CachedTeacher, TeacherSource, as_source, frozen_parameters
 from lightning_distill.temperature import Temperature
-from lightning_distill.validation import check_alpha, check_choice
+from lightning_distill.validation import check_alpha, check_choice, check_float
 
 __all__ = ["DistillationModule", "check_alpha"]
 
@@ -134,7 +134,12 @@ class DistillationModule(TrainingModule):
                 "freshly augmented input, which no cache holds. Remove teacher_cache (or function_matching)."
             )
         if pseudo_labels is not None:
-            pseudo_labels = check_alpha(pseudo_labels, "pseudo_labels")
+            pseudo_labels = check_float(
+                "pseudo_labels", pseudo_labels, 0.0, 1.0, what="in [0, 1]",
+                hint=" It is a confidence threshold, not a weight: an unlabelled sample gets the teacher's top-1 class "
+                "as its label when the teacher's probability of that class is at least this value (e.g. 0.9 labels "
+                "the samples the teacher is 90% sure of); null keeps unlabelled samples label-free.",
+            )
             if source is None or not source.frozen:
                 raise ValueError(
                     f"`pseudo_labels` needs a frozen teacher to label samples, but {type(self).__name__} has none "
@@ -431,6 +436,8 @@ class DistillationModule(TrainingModule):
                     terms[f"{key}_{name}" if name in terms else name] = value
         if not contributions:
             raise ValueError(f"{type(self).__name__} has no objectives: pass at least one (e.g. CrossEntropy, LogitKD).")
+        if self.training:  # each objective's contribution, named when the loss turns non-finite (check_finite_loss)
+            self.__dict__["_step_terms"] = contributions
         total = self.combine(contributions, step)
         if counts is None:
             return {"loss": total, **terms}

@@ -17,11 +17,15 @@
 * a shape probe before training (:mod:`lightning_distill.probe`) that checks the models against each
   other and against the data, and builds whatever depends on their shapes -- from
   ``example_input_array``, the datamodule, or the first batch of dataloaders passed to ``fit``;
-* validation / test metrics (:mod:`lightning_distill.metrics`).
+* validation / test metrics (:mod:`lightning_distill.metrics`);
+* checks of the first batches of every stage (:mod:`lightning_distill.data_checks`: NaN / Inf inputs, labels
+  out of range, a dtype the model cannot take, no samples) and a guard that stops training at the first
+  non-finite loss, naming the step and the objective (``check_batches``, ``check_finite_loss``).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
@@ -41,11 +45,18 @@ from lightning_distill.batch import (
     next_token_targets,
     unpack_batch,
 )
+from lightning_distill.data_checks import (
+    BadDataError,
+    NonFiniteLossError,
+    check_inputs,
+    check_targets,
+    nonfinite_loss_message,
+)
 from lightning_distill.losses import cross_entropy_loss
 from lightning_distill.metrics import Perplexity, build_eval_metrics
 from lightning_distill.outputs import ModelOutputs, as_outputs
 from lightning_distill.probe import Probe, batch_from_spec, batch_spec
-from lightning_distill.validation import check_choice
+from lightning_distill.validation import check_bool, check_choice, check_int
 
 __all__ = ["Batch", "OptimizerFactory", "Perplexity", "SchedulerFactory", "TrainingModule", "unpack_batch"]
 
@@ -113,6 +124,21 @@ class TrainingModule(L.LightningModule):
             accumulation, on every rank (the real, unpadded tokens when nothing is labelled) -- so
             batch 8, batch 2 x ``accumulate_grad_batches=4`` and 2-process DDP give the same gradients.
             Only token-level steps (logits ``[N, L, V]``) are affected.
+        check_batches: how many batches of each stage (training, validation -- the sanity check's count --
+            and test) are checked before the models see them (:mod:`lightning_distill.data_checks`): no
+            samples, NaN / Inf in any floating input, a floating dtype the model cannot take (``float64`` data
+            for a ``float32`` model is refused with the fix, not cast), labels outside ``[0, num_classes)``
+            other than ``ignore_index`` (token targets against the vocabulary). The shape probe's example
+            batch is checked too. ``0`` turns the checks off. After these batches a step does no checking
+            work (one integer test per batch).
+        check_finite_loss: stop training with a
+            :class:`~lightning_distill.data_checks.NonFiniteLossError` at the first NaN / Inf loss, naming the
+            global step and the objectives whose terms are non-finite, and never write a checkpoint after it.
+            On the CPU every step is checked before its backward pass (the optimizer never applies it). On
+            an accelerator a check is a device sync, so each step only folds ``isfinite(loss)`` into a flag on
+            the device (no sync); the flag is read on the steps Lightning logs (``log_every_n_steps``, which
+            sync anyway), at the end of each epoch and of training, and before every checkpoint is written.
+            ``log_every_n_steps=1`` checks every step there too.
     """
 
     def __init__(
@@ -125,6 +151,8 @@ class TrainingModule(L.LightningModule):
         ignore_index: int = -100,
         label_shift: str = "auto",
         loss_normalization: str = "batch",
+        check_batches: int = 2,
+        check_finite_loss: bool = True,
         **unexpected: Any,
     ) -> None:
         if unexpected:
@@ -145,6 +173,14 @@ class TrainingModule(L.LightningModule):
         #: the shift in use: ``label_shift`` itself, or what ``"auto"`` decided (``None``: not yet decided)
         self.resolved_label_shift: Optional[str] = None if label_shift == "auto" else label_shift
         self.loss_normalization = loss_normalization
+        self.check_batches = check_int("check_batches", check_batches, minimum=0, hint=" Use 0 to turn the checks off.")
+        self.check_finite_loss = check_bool("check_finite_loss", check_finite_loss)
+        # batches still to check, per stage (set in setup; a plain int test per batch once they reach 0)
+        self._train_checks = self._val_checks = self._test_checks = 0
+        #: accelerators: ``isfinite(loss)`` of the steps since the last check, on the device (no sync per step)
+        self._finite_pending: Optional[Tensor] = None
+        self._finite_checked_step = -1
+        self._step_terms: Optional[Mapping[str, Tensor]] = None  # this step's terms (named in a NaN-loss error)
         self._step_tokens: Optional[Tensor] = None  # [labelled, real] tokens of the optimizer step so far
         self.eval_metrics: Optional[nn.ModuleDict] = None
         self.token_level = False  # set by the probe: logits [N, L, V] (language models)
@@ -260,8 +296,11 @@ class TrainingModule(L.LightningModule):
         Lightning turns progress-bar values into Python numbers after every batch (a device sync on a
         GPU), so ``loss`` is marked for the bar only when the trainer shows one.
         """
-        if stage == "train" and not self.should_log_step():
-            return
+        if stage == "train":
+            if self.__dict__.get("_step_terms") is None:  # what a non-finite loss is explained with
+                self.__dict__["_step_terms"] = terms
+            if not self.should_log_step():
+                return
         self.log_dict(
             {f"{stage}/{name}": value.detach() for name, value in terms.items() if name != "loss"},
             on_step=True,
@@ -337,15 +376,38 @@ class TrainingModule(L.LightningModule):
         try:
             return unpack_batch(next(iter(loader)))
         except StopIteration:
-            raise ValueError(self._empty_training_set_message(loader)) from None
+            raise BadDataError(self._empty_training_set_message(loader)) from None
 
     @staticmethod
     def _empty_training_set_message(loader: Any) -> str:
-        size = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else "?"
+        dataset = getattr(loader, "dataset", None)
+        try:
+            size = len(dataset) if dataset is not None else "?"
+        except TypeError:
+            size = "?"
         return (
             f"the training set is empty: its DataLoader yields no batch (dataset of {size} samples). Check the data "
             "path / split, or that drop_last=True does not drop the only (incomplete) batch."
         )
+
+    def _empty_probe_message(self, stage: str) -> str:
+        """Why the shape probe got an example without samples: an empty training set, most of the time."""
+        if self.example_input_array is not None:
+            return "`example_input_array` holds no samples (0 rows): set it to a batch of at least one real input."
+        dm = self._datamodule()
+        if dm is not None:
+            dataset = getattr(dm, "train_dataset", None)
+            try:
+                size = len(dataset) if dataset is not None else None
+            except TypeError:
+                size = None
+            if size == 0 or stage == "fit":
+                return (
+                    f"the training set of {type(dm).__name__} is empty (its example_input() / first training batch, "
+                    "which the shape probe runs on before training, has no samples). Check the data path / split, "
+                    "or that drop_last=True does not drop the only (incomplete) batch."
+                )
+        return f"the example batch of the shape probe ({stage}) holds no samples: check that the dataset is not empty."
 
     def training_set_size(self) -> Optional[int]:
         """Number of training samples, when the datamodule or the training DataLoader tells it."""
@@ -367,6 +429,14 @@ class TrainingModule(L.LightningModule):
         example (dataloaders passed straight to ``trainer.fit``), the probe runs on the first batch
         instead (:meth:`on_train_batch_start`), still before the first optimizer step.
         """
+        n = self.check_batches
+        if stage == "fit":
+            self._train_checks, self._val_checks = n, n
+            self._finite_pending, self._finite_checked_step = None, -1
+        elif stage == "validate":
+            self._val_checks = n
+        elif stage == "test":
+            self._test_checks = n
         if self.probed:
             return
         batch = self.example_batch()
@@ -391,6 +461,8 @@ class TrainingModule(L.LightningModule):
     def run_probe(self, batch: Batch, stage: str = "fit", num_samples: Optional[int] = None) -> None:
         """Probe on ``batch``, then build every shape-dependent part (:meth:`on_probe`) and the metrics -- all in
         eval mode under ``no_grad``. The checkpoint keeps the spec of its first samples (:func:`batch_spec`)."""
+        if stage != "load":
+            self._check_probe_batch(batch, stage)
         if num_samples is None and stage != "load":
             num_samples = self.training_set_size()
         with self._probing():
@@ -401,6 +473,112 @@ class TrainingModule(L.LightningModule):
         self._probe_spec = {"batch": batch_spec(batch), "num_samples": num_samples}
         self.eval_metrics = self.build_metrics(num_classes, self.has_teacher).to(self.device)
         self._probe_pending = False
+
+    def _check_probe_batch(self, batch: Batch, stage: str) -> None:
+        """No samples (always refused: an empty training set gets its own message), then -- with
+        ``check_batches`` -- the input checks, before the models run on the example."""
+        inp = batch.input if batch.input is not None else next(iter((batch.inputs or {}).values()), None)
+        if isinstance(inp, Tensor) and inp.ndim > 0 and inp.shape[0] == 0:
+            raise BadDataError(self._empty_probe_message(stage))
+        if self.check_batches:
+            check_inputs(batch, "the example batch of the shape probe (run before training)",
+                         model_dtype=self._model_dtype(), model_name=self._model_name())
+
+    def _model_dtype(self) -> Optional[torch.dtype]:
+        """The floating dtype of the trained model's parameters (``None`` without any)."""
+        try:
+            model = self.trained_model
+        except AttributeError:
+            return None
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+    def _model_name(self) -> str:
+        try:
+            return f"the {'student' if getattr(self, 'student', None) is not None else 'model'} " \
+                   f"({type(self.trained_model).__name__})"
+        except AttributeError:
+            return "the model"
+
+    # -------------------------------------------------- the first batches' data checks
+    def _batch_dtype_to_check(self) -> Optional[torch.dtype]:
+        """The dtype inputs must have at a training / evaluation step, or ``None`` where Lightning's precision
+        converts (``"64-true"``, ``"bf16-true"``) or autocasts (mixed precisions) them itself."""
+        trainer = self.attached_trainer
+        if trainer is not None and str(trainer.precision) not in ("32-true", "32"):
+            return None
+        return self._model_dtype()
+
+    def _check_first_batch(self, batch: Any, stage: str, where: str) -> None:
+        """The data checks of one of the first batches: inputs before anything runs on them (the probe of the
+        first batch included), labels once the probe has found the number of classes."""
+        b = unpack_batch(batch)
+        check_inputs(b, where, model_dtype=self._batch_dtype_to_check(), model_name=self._model_name())
+        self._probe_first_batch(batch, stage)
+        check_targets(b, where, self.num_classes, self.ignore_index)
+
+    @staticmethod
+    def _eval_where(kind: str, batch_idx: int, dataloader_idx: int, trainer: Optional[L.Trainer]) -> str:
+        where = f"{kind} batch {batch_idx}"
+        if dataloader_idx:
+            where += f" of dataloader {dataloader_idx}"
+        if trainer is not None and trainer.sanity_checking:
+            where += " (sanity check before training)"
+        return where
+
+    # -------------------------------------------------- the non-finite loss guard
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop at a NaN / Inf loss (``check_finite_loss``): on the CPU every step, before its backward pass;
+        on accelerators the step's ``isfinite`` joins a flag on the device, read every ``log_every_n_steps``."""
+        if not self.check_finite_loss or not isinstance(loss, Tensor):
+            return
+        if self._loss_reads_without_sync(loss):
+            value = loss.detach()
+            if value.numel() == 1 and not math.isfinite(float(value)):
+                self._raise_nonfinite_loss(float(value))
+            elif value.numel() != 1 and not bool(torch.isfinite(value).all()):
+                self._raise_nonfinite_loss(float("nan"))
+            self.__dict__["_step_terms"] = None
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        pending = self.__dict__.get("_finite_pending")
+        self.__dict__["_finite_pending"] = finite if pending is None else pending.logical_and(finite)
+        if self.should_log_step():
+            self._check_finite_pending(through=self.trainer.global_step)
+        self.__dict__["_step_terms"] = None
+
+    @staticmethod
+    def _loss_reads_without_sync(loss: Tensor) -> bool:
+        """Whether reading the loss on the host is free (a CPU tensor) rather than a device sync."""
+        return loss.device.type == "cpu"
+
+    def _check_finite_pending(self, through: Optional[int] = None) -> None:
+        """Read the device flag of the steps since the last check (a device sync) and raise if one of their losses
+        was non-finite. Called on logged steps (``through``: this step), at epoch / training end and before a
+        checkpoint is written (then every finished step: ``global_step - 1``)."""
+        pending = self.__dict__.get("_finite_pending")
+        trainer = self.attached_trainer
+        if pending is None or trainer is None:
+            return
+        self.__dict__["_finite_pending"] = None
+        first = self._finite_checked_step + 1
+        self._finite_checked_step = through = trainer.global_step - 1 if through is None else through
+        if not bool(pending):
+            self._raise_nonfinite_loss(float("nan"), step=through, first_step=first)
+
+    def _raise_nonfinite_loss(self, value: float, step: Optional[int] = None, first_step: Optional[int] = None) -> None:
+        trainer = self.attached_trainer
+        if step is None:
+            step = trainer.global_step if trainer is not None else 0
+        epoch = trainer.current_epoch if trainer is not None else 0
+        terms = self.__dict__.get("_step_terms") or {}
+        self.__dict__["_finite_pending"] = None
+        raise NonFiniteLossError(nonfinite_loss_message(value, step, epoch, terms, first_step))
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite_pending()
+
+    def on_train_end(self) -> None:
+        self._check_finite_pending()
 
     @contextmanager
     def _probing(self) -> Iterator[None]:
@@ -488,14 +666,28 @@ class TrainingModule(L.LightningModule):
             trainer.strategy.setup_optimizers(trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
-        self._probe_first_batch(batch, "fit")
+        self.__dict__["_step_terms"] = None
+        if self._train_checks:
+            self._train_checks -= 1
+            self._check_first_batch(batch, "fit", f"training batch {batch_idx} (epoch {self.current_epoch})")
+        else:
+            self._probe_first_batch(batch, "fit")
         return None
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._probe_first_batch(batch, "validate")
+        if self._val_checks:
+            self._val_checks -= 1
+            where = self._eval_where("validation", batch_idx, dataloader_idx, self.attached_trainer)
+            self._check_first_batch(batch, "validate", where)
+        else:
+            self._probe_first_batch(batch, "validate")
 
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._probe_first_batch(batch, "test")
+        if self._test_checks:
+            self._test_checks -= 1
+            self._check_first_batch(batch, "test", self._eval_where("test", batch_idx, dataloader_idx, None))
+        else:
+            self._probe_first_batch(batch, "test")
 
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._probe_first_batch(batch, "predict")
@@ -509,17 +701,32 @@ class TrainingModule(L.LightningModule):
             except TypeError:
                 empty = False
             if empty:
-                raise ValueError(self._empty_training_set_message(loader))
+                raise BadDataError(self._empty_training_set_message(loader))
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault(CKPT_KEY, {})["probe"] = self._probe_spec
+        """Refuse to save weights after a non-finite loss (``check_finite_loss``: a checkpoint is never written
+        from them); record the probe spec and the module's class (named when another class resumes it)."""
+        self._check_finite_pending()
+        entry = checkpoint.setdefault(CKPT_KEY, {})
+        entry["probe"] = self._probe_spec
+        entry["module"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild every shape-dependent part from the saved probe spec, so that its weights can load."""
+        """Refuse a checkpoint another module class wrote whose weights do not fit this one (naming both classes),
+        then rebuild every shape-dependent part from the saved probe spec, so that its weights can load."""
+        from lightning_distill.checkpoint import check_checkpoint_class
+
+        trainer = self.attached_trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         spec = checkpoint.get(CKPT_KEY, {}).get("probe")
-        if spec is not None and not self.probed:
-            self.run_probe(batch_from_spec(spec["batch"]), "load", spec.get("num_samples"))
+        try:
+            if spec is not None and not self.probed:
+                self.run_probe(batch_from_spec(spec["batch"]), "load", spec.get("num_samples"))
+        except Exception:
+            check_checkpoint_class(checkpoint, self, path, "ckpt_path", fits=False)  # another class: say so
+            raise
+        check_checkpoint_class(checkpoint, self, path, "ckpt_path")  # once the probe has built every part
 
     # ------------------------------------------------------------------ evaluation
     def eval_logits(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
@@ -574,14 +781,13 @@ class TrainingModule(L.LightningModule):
         if flat_teacher is not None and "agreement" in metrics and flat.shape[0] > 0:
             metrics["agreement"].update(flat, flat_teacher.argmax(-1))
             metrics["kl"].update(kl_per_position(flat, flat_teacher, 1.0, "forward"))
-        self.log_dict(
-            {f"{stage}/{name}": metric for name, metric in metrics.items() if name != "acc"},
-            on_step=False,
-            on_epoch=True,
-            batch_size=n,
-            prog_bar=False,
-        )
-        self.log(f"{stage}/acc", metrics["acc"], on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        # only metrics that have seen a sample: an epoch whose targets are all ignore_index (unlabelled data, or
+        # a sanity check on padding) has nothing for the label metrics, and computing them would fail or show 0
+        updated = {f"{stage}/{name}": m for name, m in metrics.items() if name != "acc" and m.update_count}
+        if updated:
+            self.log_dict(updated, on_step=False, on_epoch=True, batch_size=n, prog_bar=False)
+        if metrics["acc"].update_count:
+            self.log(f"{stage}/acc", metrics["acc"], on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
 
     @staticmethod
     def logits_of(output: Any) -> Tensor:

@@ -119,10 +119,12 @@ def kl_per_position(
 def _kl_logspace(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) = sum_c p_c (log p_c - log q_c) over the last dim, from log-probabilities.
 
-    Terms with p_c == 0 contribute exactly 0 (even where log q_c is very negative).
+    Terms with p_c == 0 contribute exactly 0 (even where log q_c is very negative); a NaN probability (a teacher
+    with NaN weights) gives a NaN term -- ``p != 0``, not ``p > 0``, so the loss shows it instead of a silent 0
+    whose gradient is NaN.
     """
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    terms = torch.where(p != 0, p * (log_p - log_q), torch.zeros_like(p))
     # KL >= 0 mathematically; clamp the tiny negative values float rounding can produce
     return terms.sum(dim=-1).clamp_min(0.0)
 

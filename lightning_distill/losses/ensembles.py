@@ -220,7 +220,7 @@ def confidence_weights(
         dtype = _acc_dtype(stacked)
         log_p = F.log_softmax(stacked.to(dtype) / temperature, dim=-1)
         p = log_p.exp()
-        entropy = (-torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)).clamp_min(0.0)  # [M, *]
+        entropy = (-torch.where(p != 0, p * log_p, torch.zeros_like(p)).sum(-1)).clamp_min(0.0)  # [M, *]; NaN stays NaN
         return torch.softmax(-torch.log(entropy + eps), dim=0).movedim(0, -1)
 
 

@@ -85,6 +85,22 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 
     In [0, 1]; invariant to orthogonal transforms and isotropic scaling of either input; the
     feature dimensions may differ (no projector needed).
+
+    CKA compares how the samples of a batch relate to each other, so it is undefined (0 / 0) when either
+    side does not vary across the batch: a batch of one sample (centring leaves zeros), or constant
+    features (dead ReLUs, a layer that ignores its input). This function then returns **0** -- "no shared
+    structure" -- with a zero gradient, never NaN, so a transient dead layer or a last batch of one sample
+    does not stop a run. :class:`~lightning_distill.objectives.FeatureMatch` refuses a first training batch
+    of one sample, and warns when a probed layer is constant, because then the term would never train.
+
+    Example::
+
+        >>> import torch
+        >>> x = torch.randn(8, 5)
+        >>> round(linear_cka(x, 3 * x).item(), 4)             # invariant to scaling
+        1.0
+        >>> linear_cka(x[:1], x[:1]).item(), linear_cka(torch.ones(8, 5), x).item()  # undefined: 0
+        (0.0, 0.0)
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = _flat(x).double(), _flat(y).double()
@@ -99,7 +115,22 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 
 
 def cka_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """``1 - linear_cka(student, teacher)``: projector-free representation matching, in [0, 1]."""
+    """``1 - linear_cka(student, teacher)``: projector-free representation matching, in [0, 1].
+
+    Where CKA is undefined -- a batch of one sample, or features constant across the batch on either side --
+    the loss is 1 with a zero gradient (see :func:`linear_cka`): defined, finite, and visibly "not aligned"
+    in the logs.
+
+    Example::
+
+        >>> import torch
+        >>> s = torch.randn(4, 6, requires_grad=True)
+        >>> loss = cka_loss(s, torch.zeros(4, 3))              # a constant (dead) teacher layer
+        >>> loss.item()
+        1.0
+        >>> loss.backward(); s.grad.abs().sum().item()
+        0.0
+    """
     return (1.0 - linear_cka(student, teacher)).clamp_min(0.0)
 
 

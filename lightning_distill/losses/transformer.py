@@ -86,7 +86,7 @@ def _check_maps(student: Tensor, teacher: Tensor, what: str) -> None:
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``sum_j p_j (log p_j - log q_j)`` over the last dim; entries with ``p = 0`` contribute exactly 0."""
     p = log_p.exp()
-    kept = p > 0  # both logs replaced where p = 0, so neither the value nor a gradient meets inf * 0
+    kept = p != 0  # both logs replaced where p = 0, so neither the value nor a gradient meets inf * 0 (NaN stays NaN)
     log_p = torch.where(kept, log_p, torch.zeros_like(log_p))
     log_q = torch.where(kept, log_q, torch.zeros_like(log_q))
     return (p * (log_p - log_q)).sum(-1).clamp_min(0.0)

@@ -13,6 +13,7 @@ shapes (:mod:`lightning_distill.probe`), so they are optimised and checkpointed 
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ FEATURE_LOSSES: dict[str, Callable[..., Tensor]] = {
     "sp": losses.similarity_preserving_loss,  # SP (Tung & Mori 2019)
 }
 _MASKED = {"mse", "cosine"}  # losses that take a token mask for [N, L, D] features
+#: losses that compare the samples of a batch with each other: a batch needs two samples or more
+_RELATIONAL = {"cka", "rkd_distance", "rkd_angle", "sp"}
 _SAME_SHAPE = {"mse", "cosine"}  # losses that compare features element by element
 #: where a projection goes
 PROJECTIONS = ("auto", "student_to_teacher", "teacher_to_student", "none")
@@ -239,6 +242,37 @@ class FeatureMatch(Objective):
         device = next(iter(probe.student.features.values())).device
         self.projections = nn.ModuleList(projections).to(device).train(self.training)
         self._sides = sides
+        if "cka" in self.loss_weights and probe.stage != "load":
+            self._warn_constant_features(probe)
+
+    def _warn_constant_features(self, probe: Probe) -> None:
+        """CKA against a layer that gives every probe sample the same features is undefined (the term is 1 and
+        never trains): say so before training rather than let the logs show a flat feature_loss."""
+        for side, outputs, names in (("teacher", probe.teacher, [t for t, _ in self.pairs]),
+                                     ("student", probe.student, [s for _, s in self.pairs])):
+            for name in names:
+                f = outputs.features[name].detach().float()
+                flat = f.reshape(f.shape[0], -1)
+                if flat.shape[0] >= 2 and bool((flat == flat[:1]).all()):
+                    warnings.warn(
+                        f"FeatureMatch: the {side}'s layer {name!r} gives the same features for every sample of the "
+                        f"shape probe's example batch ({flat.shape[0]} samples), so linear CKA against it is undefined: "
+                        "feature_loss 'cka' is 1 there and gives no gradient. Pick a layer whose output depends on "
+                        "the input (not one after a dead ReLU or a constant head).",
+                        stacklevel=2,
+                    )
+
+    def check_batch(self, batch: Batch) -> None:
+        """Relational losses compare the samples of a batch with each other: refuse a first batch of one."""
+        relational = sorted(_RELATIONAL & set(self.loss_weights))
+        inp = batch.input if isinstance(batch.input, Tensor) else None
+        if relational and inp is not None and inp.ndim > 0 and inp.shape[0] < 2:
+            raise ValueError(
+                f"feature_loss {relational} compares the samples of a batch with each other and needs at least 2 per "
+                f"batch, but the first training batch has {inp.shape[0]}: the term would be undefined on every step "
+                "(it is 1 for 'cka' and 0 for the others, with no gradient). Use batch_size >= 2, and drop_last=True "
+                "in the training DataLoader if the last batch could hold a single sample."
+            )
 
     @property
     def built(self) -> bool:

@@ -136,7 +136,8 @@ def _binary(log_p: Tensor, gt: Tensor) -> Tensor:
 def _kl_rows(log_p: Tensor, log_q: Tensor, excluded: Optional[Tensor] = None) -> Tensor:
     """Row-wise KL(p || q) from log-probabilities; entries with p = 0 (or ``excluded``) contribute 0."""
     p = log_p.exp() if excluded is None else log_p.exp().masked_fill(excluded, 0.0)
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
+    # p != 0 (not p > 0): a NaN probability keeps its NaN term, so the loss shows it (check_finite_loss)
+    return torch.where(p != 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
 
 
 def dkd_loss(

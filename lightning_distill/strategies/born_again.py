@@ -258,6 +258,7 @@ class BornAgain(KDPreset, SingleTeacherDistillation):
             self._next_generation()
 
     def on_train_end(self) -> None:
+        super().on_train_end()
         trainer = self.trainer
         if self.total_epochs is not None and not trainer.fast_dev_run and trainer.current_epoch >= self.total_epochs:
             self._save_generation_file(self.generation, self.student)
