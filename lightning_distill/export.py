@@ -635,6 +635,14 @@ def export_student(
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
         raise ValueError(f"`tolerance` must be a positive number, got {tolerance!r}.")
     network, role = trained_network(module)
+    bad = [name for name, value in network.state_dict().items()
+           if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(
+            f"the {role} holds NaN / Inf in {len(bad)} tensor(s) ({', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}): "
+            "its outputs would be NaN, so nothing was exported. The run that wrote it diverged: export an earlier "
+            "checkpoint of it, or retrain it (lower learning rate, gradient clipping)."
+        )
     routing = _routing(module)
     weights, activations = _quantization(network)
     plain = _plain_copy(network)

@@ -592,20 +592,41 @@ def test_missing_optional_package_names_the_extra(capsys, tmp_path, quant_run, m
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_check_leaves_no_file_and_an_old_export_in_place(tmp_path, digits):
+def test_a_failed_check_leaves_no_file_and_an_old_export_in_place(tmp_path, digits, monkeypatch):
     _skip_without("safetensors")
+    import lightning_distill.export as export_module
+
     module = KnowledgeDistillation(DigitsMLP(hidden=16), DigitsCNN())
     path = tmp_path / "student.safetensors"
     path.write_bytes(b"the previous export")
-    # a NaN weight: the reloaded copy gives NaN, which no tolerance accepts
-    with torch.no_grad():
-        module.student.head.bias[0] = float("nan")
-    with pytest.raises(ExportCheckError, match="differ from PyTorch's"):
+    real_load = export_module.load_student
+
+    def load_off_by_one(*args, **kwargs):  # the file reloads into a model whose outputs differ
+        model = real_load(*args, **kwargs)
+        with torch.no_grad():
+            model.head.bias.add_(1.0)
+        return model
+
+    monkeypatch.setattr(export_module, "load_student", load_off_by_one)
+    with pytest.raises(ExportCheckError, match="differ from PyTorch's by up to 1 "):
         export_student(module, "safetensors", path, digits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.safetensors"]
     assert path.read_bytes() == b"the previous export"
     with pytest.raises(ValueError, match="valid formats: safetensors, onnx, torch_export, hf"):
         export_student(module, "pickle", tmp_path / "x.pkl", digits)
+
+
+def test_a_student_with_nan_weights_is_refused_before_anything_is_written(tmp_path, digits):
+    _skip_without("safetensors")
+    module = KnowledgeDistillation(DigitsMLP(hidden=16), DigitsCNN())
+    with torch.no_grad():
+        module.student.head.bias[0] = float("nan")
+    path = tmp_path / "student.safetensors"
+    path.write_bytes(b"the previous export")
+    with pytest.raises(ValueError, match=r"holds NaN / Inf in 1 tensor\(s\) \(head.bias\).*nothing was exported"):
+        export_student(module, "safetensors", path, digits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.safetensors"]
+    assert path.read_bytes() == b"the previous export"
 
 
 def test_without_data_the_check_runs_on_the_checkpoints_probe_spec(capsys, tmp_path, quant_run):
