@@ -25,7 +25,7 @@ from lightning_distill.data import TextDataModule
 from lightning_distill.losses import kd_loss
 from lightning_distill.models import CharTransformer
 
-TEACHER = "runs/text/teacher/version_0/checkpoints/last.ckpt"
+TEACHER = "zoo:pydoc_char_transformer"
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     dm.setup("fit")
     x, y, _, mask = next(iter(dm.train_dataloader()))
     teacher = CharTransformer(dm.vocab_size, d_model=64, n_layers=2, n_heads=4, max_len=256).eval()
-    trained = os.path.isfile(args.teacher)
+    trained = args.teacher.startswith("zoo:") or os.path.isfile(args.teacher)
     if trained:
         load_weights(teacher, args.teacher)
     with torch.no_grad():

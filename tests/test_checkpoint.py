@@ -350,6 +350,20 @@ def test_missing_file(tmp_path):
         KnowledgeDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint=str(path))
 
 
+def test_zoo_character_teacher_reproduces_its_documented_quality(make_trainer):
+    """``zoo:pydoc_char_transformer`` (what configs/text/kd.yaml reads) loads into the architecture the text
+    configs build and scores the test perplexity / accuracy its zoo entry and the README state."""
+    from lightning_distill.data import TextDataModule
+    from lightning_distill.models import CharTransformer
+
+    teacher = CharTransformer(vocab_size=104, d_model=64, n_layers=2, n_heads=4, max_len=256, dropout=0.0)
+    module = Classifier(teacher)
+    load_weights(module.model, "zoo:pydoc_char_transformer")
+    (metrics,) = make_trainer().test(module, datamodule=TextDataModule(seq_len=128, batch_size=32), verbose=False)
+    assert metrics["test/perplexity"] == pytest.approx(3.321, abs=0.002)
+    assert metrics["test/acc"] == pytest.approx(0.6739, abs=0.0005)
+
+
 def test_unknown_zoo_name_lists_available():
     with pytest.raises(ValueError, match=r"'zoo:does_not_exist' is not in the zoo; available: \[.*'digits_cnn'"):
         KnowledgeDistillation(DigitsMLP(), DigitsCNN(), teacher_checkpoint="zoo:does_not_exist")

@@ -570,10 +570,10 @@ def test_evaluation_logs_next_to_its_run_without_warnings(kd_fit, tmp_path, subc
     "config, argument, missing, teacher_config",
     [
         (
-            "text/kd.yaml",
+            "cifar100/kd_resnet32x4_to_resnet8x4.yaml",
             "teacher_checkpoint",
-            "runs/text/teacher/version_0/checkpoints/last.ckpt",
-            "text/teacher.yaml",
+            "runs/cifar100/teacher_resnet32x4/version_0/checkpoints/last.ckpt",
+            "cifar100/teacher_resnet32x4.yaml",
         ),
         ("hf/minilm.yaml", "checkpoint", "runs/hf/teacher/version_0/checkpoints/last.ckpt", "hf/teacher.yaml"),
     ],
