@@ -643,3 +643,21 @@ def test_configs_that_need_a_trained_teacher_name_its_command(config, monkeypatc
         assert command[:3] == ["lightning-distill", "fit", "--config"], command
         trains = Path(command[3])
         assert trains.is_file() and trains.stem in Path(path).parts, (trains, path)
+
+
+def test_text_kd_config_trains_from_a_fresh_checkout_on_the_shipped_teacher(tmp_path, monkeypatch):
+    """configs/text/kd.yaml needs no earlier run: its teacher is ``zoo:pydoc_char_transformer``, loaded as shipped
+    (bit-identical) and frozen, and a short fit from an empty directory trains the student."""
+    monkeypatch.chdir(tmp_path)
+    cli = DistillCLI(
+        args=[
+            "fit", "--config", str(CONFIG_DIR / "text" / "kd.yaml"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
+        ]
+    )  # fmt: skip
+    shipped = torch.load(resolve("zoo:pydoc_char_transformer"), map_location="cpu", weights_only=True)
+    teacher = cli.model.teacher.state_dict()
+    assert set(teacher) == set(shipped) and all(torch.equal(teacher[k], shipped[k]) for k in shipped)
+    assert cli.trainer.global_step == 2
+    assert (tmp_path / "runs" / "text" / "kd" / "version_0" / "checkpoints" / "last.ckpt").is_file()
