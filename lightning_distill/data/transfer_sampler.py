@@ -212,7 +212,10 @@ class TransferBatchSampler(BatchSampler):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        # a generator: the epoch is read at the first ``next``, not when the iterator is made. A DataLoader makes
+        # its batch sampler's iterator when its own iterator is created, which on a resumed run happens before
+        # Lightning calls ``set_epoch`` for the restored epoch: read eagerly, that epoch replayed epoch 0's order
+        yield from self.batches()
 
     def __len__(self) -> int:
         return self._length

@@ -243,6 +243,47 @@ def test_trainer_sets_the_epoch(tmp_path):
     assert seen[0] != seen[1]
 
 
+def test_a_resumed_fit_sees_the_restored_epochs_batches(tmp_path):
+    """Resuming from the checkpoint of epoch 0 trains epoch 1 on ``batches(1)``, as an uninterrupted fit does. A
+    DataLoader makes its batch sampler's iterator when its own iterator is created -- on a resumed run before
+    Lightning calls ``set_epoch`` -- so the sampler must read the epoch lazily (it replayed epoch 0 before)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_distill import Classifier
+
+    seen: dict[int, list[list[int]]] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, []).append(batch[2].tolist())
+
+    def fit(max_epochs, ckpt_path=None):
+        dm = TransferDataModule(DigitsDataModule(batch_size=32, shuffle_seed=0), augmented_copies=1)
+        model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+        trainer = L.Trainer(
+            default_root_dir=tmp_path, accelerator="cpu", max_epochs=max_epochs, limit_train_batches=2,
+            limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[Record(), ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)],
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return dm
+
+    fit(1)
+    seen.clear()
+    dm = fit(2, ckpt_path=tmp_path / "last.ckpt")
+    assert list(seen) == [1]
+    assert seen[1] == dm.train_batch_sampler().batches(1)[:2] != dm.train_batch_sampler().batches(0)[:2]
+
+
+def test_the_batch_sampler_reads_the_epoch_when_iteration_starts():
+    dm = TransferDataModule(TinyDataModule(n=12, batch_size=4), augmented_copies=2, shuffle_seed=0)
+    dm.setup("fit")
+    sampler = dm.train_batch_sampler()
+    iterator = iter(sampler)  # made first, as a DataLoader does
+    sampler.set_epoch(3)
+    assert list(iterator) == sampler.batches(3) != sampler.batches(0)
+
+
 # ------------------------------------------------------------------ distributed
 @pytest.mark.parametrize("mode", ["mix", "alternate", "concat"])
 def test_lightning_injected_distributed_sampler_shards_the_batches(mode):
