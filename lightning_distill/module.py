@@ -26,10 +26,12 @@
 from __future__ import annotations
 
 import math
+import random
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -711,6 +713,9 @@ class TrainingModule(L.LightningModule):
         entry = checkpoint.setdefault(CKPT_KEY, {})
         entry["probe"] = self._probe_spec
         entry["module"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        trainer = self.attached_trainer
+        if trainer is not None and trainer.world_size == 1:
+            entry["rng"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint another module class wrote whose weights do not fit this one (naming both classes),
@@ -727,6 +732,9 @@ class TrainingModule(L.LightningModule):
             check_checkpoint_class(checkpoint, self, path, "ckpt_path", fits=False)  # another class: say so
             raise
         check_checkpoint_class(checkpoint, self, path, "ckpt_path")  # once the probe has built every part
+        rng = checkpoint.get(CKPT_KEY, {}).get("rng")
+        if rng is not None and trainer is not None and trainer.world_size == 1 and path is not None:
+            _set_rng_states(rng)  # resuming a fit: dropout masks and random augmentations continue as uninterrupted
 
     # ------------------------------------------------------------------ evaluation
     def eval_logits(self, batch: Batch) -> tuple[Tensor, Optional[Tensor]]:
@@ -793,3 +801,34 @@ class TrainingModule(L.LightningModule):
     def logits_of(output: Any) -> Tensor:
         """The logits of any model output (:func:`lightning_distill.outputs.as_outputs`)."""
         return output if isinstance(output, Tensor) else as_outputs(output).logits
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global random states (torch CPU and CUDA, NumPy, Python) in types ``torch.load(weights_only=True)``
+    reads: Lightning's checkpoints do not hold them, so without them a resumed run draws other dropout masks and
+    augmentations than the uninterrupted run."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`_rng_states` saved (entries a checkpoint lacks are left alone)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    numpy_state = states.get("numpy")
+    if numpy_state is not None:
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
+    if "python" in states:
+        version, internal, gauss_next = states["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -559,3 +559,28 @@ def test_training_survives_a_full_disk_with_its_last_good_checkpoint(tmp_path, m
 def test_cli_installs_the_atomic_writer(tmp_path):
     cli = DistillCLI(args=["--config", str(TEACHER_CONFIG), "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_resume_restores_random_states_so_dropout_continues_bitwise(tmp_path):
+    """Lightning's checkpoints hold no random states: a resumed run with dropout drew other masks than the
+    uninterrupted one. The module saves torch / NumPy / Python states and a resumed fit restores them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, directory, ckpt_path=None):
+        L.seed_everything(0)
+        module = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)))
+        trainer = L.Trainer(
+            max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, deterministic=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / directory, save_last=True, save_top_k=0)],
+        )
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=32, shuffle_seed=0), ckpt_path=ckpt_path)
+        return module
+
+    straight = fit(3, "straight")
+    fit(2, "resumed")
+    last = tmp_path / "resumed" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["lightning_distill"]["rng"]["torch"].dtype == torch.uint8
+    resumed = fit(3, "resumed", ckpt_path=last)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
