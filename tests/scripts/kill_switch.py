@@ -1,5 +1,5 @@
 """A callback that SIGKILLs its own process at a given training batch: a crash at a known point, with no
-timing involved, for the resume tests (``tests/test_resume.py``)."""
+timing involved, for the resume tests (``tests/test_kill_resume.py``)."""
 
 from __future__ import annotations
 
